@@ -1,0 +1,1 @@
+"""Data layer: annotation readers, image sources, captions and token maps, transforms, synthetic data."""
