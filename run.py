@@ -1,0 +1,33 @@
+"""groundlab's only entrypoint: `python run.py [experiment=...] [model=...] [action=...] [key=value ...]`.
+
+Composes the typed config, checks it, and runs `ACTIONS[cfg.action.name]`. Returns the metric named by
+`monitor` so Hydra sweepers (grid, Optuna) can optimize it. Heavy libraries (torch, transformers,
+lightning) are imported inside the action, so `--help` and config errors answer at once.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import hydra
+from omegaconf import DictConfig
+
+from groundlab.config import register_configs
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> Optional[float]:
+    from groundlab.runner import ConfigError, run_action
+
+    try:
+        return run_action(cfg)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Typed schemas of the `action` group and of the per-model action settings (`train`, `evaluate`,
+`inference`), keyed as TAO's specs (`train.num_epochs`, `train.optim.lr`, `evaluate.conf_threshold`).
+
+The `action` group picks what runs (`action=train`); the `train`/`evaluate`/`inference` groups hold
+that action's settings for the chosen model (selected by `${model}` in conf/config.yaml).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+
+@dataclass
+class ActionConfig:
+    """Which action runs. Actions with settings of their own extend this."""
+
+    name: str = "train"
+
+
+@dataclass
+class VisualizeActionConfig(ActionConfig):
+    """Draw a dataset's ground truth (boxes, masks, prompt) through the real data pipeline."""
+
+    name: str = "visualize"
+    split: str = "train"  # train | val
+    num_images: int = 8
+    augment: bool = False  # True: show the training transforms' output instead of the raw image
+    outline_width: int = 2
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "AdamW"
+    monitor_name: str = "val_loss"
+    lr: float = 2e-4
+    lr_backbone: float = 2e-5
+    lr_linear_proj_mult: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_scheduler: str = "MultiStep"  # MultiStep | cosine
+    lr_steps: List[int] = field(default_factory=lambda: [11])
+    lr_decay: float = 0.1
+    warmup_steps: int = 0
+
+
+@dataclass
+class GDinoTrainConfig:
+    num_epochs: int = 12
+    num_gpus: int = 1
+    gpu_ids: List[int] = field(default_factory=lambda: [0])
+    num_nodes: int = 1
+    checkpoint_interval: int = 1
+    checkpoint_interval_unit: str = "epoch"  # epoch | step
+    validation_interval: int = 1
+    validation_interval_unit: str = "epoch"
+    pretrained_model_path: Optional[str] = None
+    resume_training_checkpoint_path: Optional[str] = None
+    clip_grad_norm: float = 0.1
+    precision: str = "fp32"  # fp32 | fp16 | bf16
+    distributed_strategy: str = "ddp"  # ddp | fsdp
+    activation_checkpoint: bool = False
+    freeze: List[str] = field(default_factory=list)
+    is_dry_run: bool = False
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class MALTrainConfig:
+    num_epochs: int = 10
+    num_gpus: int = 1
+    gpu_ids: List[int] = field(default_factory=lambda: [0])
+    num_nodes: int = 1
+    save_every_k_epoch: int = 1
+    val_interval: int = 1
+    batch_size: int = 3
+    use_amp: bool = True
+    precision: str = "fp32"
+    optim_type: str = "adamw"
+    optim_momentum: float = 0.9
+    lr: float = 1.5e-6
+    min_lr: float = 0.0
+    min_lr_rate: float = 0.2
+    wd: float = 0.0005
+    warmup_epochs: int = 1
+    crf_kernel_size: int = 3
+    crf_num_iter: int = 100
+    loss_mil_weight: float = 4.0
+    loss_crf_weight: float = 0.5
+    loss_mil_step: List[int] = field(default_factory=lambda: [0, 0])
+    loss_crf_step: List[int] = field(default_factory=lambda: [0, 0])
+    margin_rate: List[float] = field(default_factory=lambda: [0.0, 1.2])
+    test_margin_rate: List[float] = field(default_factory=lambda: [0.6, 0.6])
+    mask_thres: List[float] = field(default_factory=lambda: [0.1])
+    accum_grad_batches: int = 1
+    pretrained_model_path: Optional[str] = None
+    resume_training_checkpoint_path: Optional[str] = None
+
+
+@dataclass
+class GDinoEvaluateConfig:
+    checkpoint: Optional[str] = None
+    conf_threshold: float = 0.0
+    num_gpus: int = 1
+    gpu_ids: List[int] = field(default_factory=lambda: [0])
+    trt_engine: Optional[str] = None
+
+
+@dataclass
+class MALEvaluateConfig:
+    checkpoint: Optional[str] = None
+    num_gpus: int = 1
+    gpu_ids: List[int] = field(default_factory=lambda: [0])
+    use_mixed_model_test: bool = False
+    use_teacher_test: bool = False
+
+
+@dataclass
+class GDinoInferenceConfig:
+    checkpoint: Optional[str] = None
+    conf_threshold: float = 0.5
+    text_threshold: float = 0.25
+    nms_threshold: Optional[float] = None
+    color_map: Dict[str, str] = field(default_factory=dict)
+    outline_width: int = 3
+    num_gpus: int = 1
+    gpu_ids: List[int] = field(default_factory=lambda: [0])
+    trt_engine: Optional[str] = None
+
+
+@dataclass
+class MALInferenceConfig:
+    checkpoint: Optional[str] = None
+    ann_path: str = ""
+    img_dir: str = ""
+    label_dump_path: str = ""
+    load_mask: bool = False
+    num_gpus: int = 1
+    gpu_ids: List[int] = field(default_factory=lambda: [0])

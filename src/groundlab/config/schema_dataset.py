@@ -1,0 +1,107 @@
+"""Typed schemas of the `dataset` config group (TAO `grounding_dino` / `mal` spec keys).
+
+A typo'd key or a wrong type fails when Hydra composes the config, naming the dotted key
+(`dataset.augmentation.scaless`). Data sources are self-describing: a `.jsonl` json_file is ODVG,
+a `.json` one is COCO, and an `image_dir` may be a folder or a `.tar`/`.tar.gz` archive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class DataSource:
+    """One annotated image source: `image_dir` (folder or tar archive) + annotation file."""
+
+    image_dir: str = ""
+    json_file: str = ""
+    label_map: Optional[str] = None  # ODVG detection jsonl only: {"0": "name", ...}
+
+
+@dataclass
+class InferDataSources:
+    """Unannotated images for inference: `raw` (folders + one class list) or `coco_raw` (jsonl)."""
+
+    image_dir: List[str] = field(default_factory=list)
+    captions: List[str] = field(default_factory=list)  # class names shared by every image (raw)
+    json_file: Optional[str] = None  # coco_raw: jsonl of {"image_path": ..., "caption": ...}
+
+
+@dataclass
+class AugmentationConfig:
+    """Training/eval transforms (TAO names). Sizes are pixels of the image's shorter side."""
+
+    scales: List[int] = field(default_factory=lambda: [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800])
+    input_mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    input_std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    horizontal_flip_prob: float = 0.5
+    train_random_resize: List[int] = field(default_factory=lambda: [400, 500, 600])
+    train_random_crop_min: int = 384
+    train_random_crop_max: int = 600
+    random_resize_max_size: int = 1333
+    test_random_resize: int = 800
+    # Fixed (height, width) for exported engines; when set, eval and inference resize to exactly this.
+    fixed_input_size: Optional[List[int]] = None
+
+
+@dataclass
+class SyntheticConfig:
+    """Generated shapes-and-colours scenes (see groundlab.data.synthetic.SyntheticSpec)."""
+
+    seed: int = 0
+    image_size: List[int] = field(default_factory=lambda: [128, 128])  # (height, width)
+    num_train: int = 256
+    num_val: int = 64
+    min_objects: int = 1
+    max_objects: int = 4
+    colors: List[str] = field(default_factory=lambda: ["red", "green", "blue"])
+    shapes: List[str] = field(default_factory=lambda: ["circle", "square", "triangle"])
+    min_size_frac: float = 0.15
+    max_size_frac: float = 0.45
+    archive: bool = False  # write each split's images as one .tar.gz (read directly, never extracted)
+    jpeg_quality: int = 92
+
+
+@dataclass
+class DatasetConfig:
+    """Grounding DINO / Mask Grounding DINO data (dataset=odvg|coco|raw|coco_raw|synthetic)."""
+
+    type: str = "odvg"
+    train_data_sources: List[DataSource] = field(default_factory=list)
+    val_data_sources: Optional[DataSource] = None
+    test_data_sources: Optional[DataSource] = None
+    infer_data_sources: InferDataSources = field(default_factory=InferDataSources)
+    max_labels: int = 80
+    batch_size: int = 4
+    workers: int = 8
+    pin_memory: bool = True
+    eval_class_ids: Optional[List[int]] = None
+    skip_missing_images: bool = False  # False: a missing image is an error naming it; True: skipped and counted
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class MALDatasetConfig:
+    """Mask Auto-Labeler data: box-only COCO json for training (dataset=mal_coco|mal_synthetic)."""
+
+    type: str = "mal_coco"
+    train_ann_path: str = ""
+    train_img_dir: str = ""
+    val_ann_path: str = ""
+    val_img_dir: str = ""
+    crop_size: int = 512
+    min_obj_size: float = 2048.0
+    max_obj_size: float = 1e10
+    load_mask: bool = True
+    num_workers_per_gpu: int = 2
+    train_batch_size: int = 3
+    val_batch_size: int = 1
+    skip_missing_images: bool = False
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+DATASET_TYPES = ("odvg", "coco", "raw", "coco_raw", "synthetic")
+MAL_DATASET_TYPES = ("mal_coco", "mal_synthetic")

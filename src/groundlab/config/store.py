@@ -1,0 +1,59 @@
+"""Registers every schema in Hydra's ConfigStore.
+
+Each YAML of a group lists its schema first in its defaults (`- schema_gdino`), so Hydra merges
+the YAML onto the dataclass: unknown keys and wrong types fail at compose time with the dotted key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from groundlab.config import schema_action as act
+from groundlab.config import schema_dataset as ds
+from groundlab.config import schema_model as mdl
+
+
+@dataclass
+class RootConfig:
+    """Top level: one node per config group plus run-wide settings."""
+
+    model: Any = MISSING
+    dataset: Any = MISSING
+    action: Any = MISSING
+    train: Any = MISSING
+    evaluate: Any = MISSING
+    inference: Any = MISSING
+    seed: int = 42
+    results_dir: str = "outputs"
+    cache_dir: str = "~/.cache/groundlab"  # generated datasets, decompressed archives
+    monitor: Optional[str] = None  # metric returned to a sweeper (e.g. val_mAP50)
+
+
+# (group, schema name, dataclass): YAMLs name the schema in their defaults list.
+SCHEMAS = [
+    (None, "schema_root", RootConfig),
+    ("model", "schema_gdino", mdl.GDinoModelConfig),
+    ("model", "schema_mask_gdino", mdl.MaskGDinoModelConfig),
+    ("model", "schema_mal", mdl.MALModelConfig),
+    ("dataset", "schema_gdino", ds.DatasetConfig),
+    ("dataset", "schema_mal", ds.MALDatasetConfig),
+    ("action", "schema_action", act.ActionConfig),
+    ("action", "schema_visualize", act.VisualizeActionConfig),
+    ("train", "schema_gdino", act.GDinoTrainConfig),
+    ("train", "schema_mal", act.MALTrainConfig),
+    ("evaluate", "schema_gdino", act.GDinoEvaluateConfig),
+    ("evaluate", "schema_mal", act.MALEvaluateConfig),
+    ("inference", "schema_gdino", act.GDinoInferenceConfig),
+    ("inference", "schema_mal", act.MALInferenceConfig),
+]
+
+
+def register_configs() -> None:
+    """Store every schema (idempotent: storing again replaces the same entry)."""
+    cs = ConfigStore.instance()
+    for group, name, node in SCHEMAS:
+        cs.store(group=group, name=name, node=node)

@@ -1,0 +1,49 @@
+"""One place that turns a composed config into datasets and a collator for a split."""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+from omegaconf import DictConfig
+
+from groundlab.data.collate import GroundingCollator
+from groundlab.data.errors import DataError
+from groundlab.data.grounding_dataset import GroundingDataset
+from groundlab.data.sources import load_split
+from groundlab.data.tokens import PromptEncoder, load_tokenizer
+from groundlab.data.transforms import build_eval_transforms, build_train_transforms
+
+
+def build_prompt_encoder(model: DictConfig) -> PromptEncoder:
+    return PromptEncoder(load_tokenizer(model.text_encoder_type), model.max_text_len)
+
+
+def build_grounding_dataset(
+    cfg: DictConfig, split: str, augment: bool, encoder: PromptEncoder = None
+) -> Tuple[GroundingDataset, GroundingCollator]:
+    """Dataset of `split` ("train" | "val" | "test") with training (augment=True) or eval transforms."""
+    encoder = encoder or build_prompt_encoder(cfg.model)
+    want_masks = cfg.model.name == "mask_gdino"
+    sources = load_split(cfg.dataset, cfg.cache_dir, split, use_masks=want_masks or cfg.action.name == "visualize")
+    if not sources or not sum(len(s.records) for s in sources):
+        raise DataError(f"dataset.{split}_data_sources holds no images")
+    has_masks = all(_has_masks(s) for s in sources)
+    if want_masks and not has_masks:
+        missing = [s.name for s in sources if not _has_masks(s)]
+        raise DataError(f"model=mask_gdino trains a mask head, but {missing} carry no instance masks")
+    aug = cfg.dataset.augmentation
+    transforms = build_train_transforms(aug) if augment else build_eval_transforms(aug)
+    dataset = GroundingDataset(
+        sources, encoder, transforms, train=split == "train", max_labels=cfg.dataset.max_labels,
+        seed=cfg.seed, load_masks=has_masks,
+    )
+    return dataset, GroundingCollator(encoder)
+
+
+def _has_masks(source) -> bool:
+    """Masks are loaded only when the source carries them (checked on its first annotated record)."""
+    for i in range(len(source.records)):
+        rec = source.records[i]
+        if rec["boxes"]:
+            return rec["masks"] is not None
+    return False

@@ -1,0 +1,147 @@
+"""The Grounding DINO dataset: annotated sources (ODVG or COCO) -> image, targets and prompt.
+
+Training samples get a prompt of their positive classes plus random negatives (seeded per sample and
+epoch, so any worker produces the same sample); evaluation samples get all class names (or None when
+they need several prompts: the evaluator chunks them). Grounding records bring their own caption.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from groundlab.data.captions import (
+    Prompt, class_prompt, grounding_prompt, prompt_token_len, sample_detection_prompt,
+)
+from groundlab.data.errors import DataError
+from groundlab.data.image_decode import decode_rgb
+from groundlab.data.image_source import ImageSource
+from groundlab.data.masks import decode_segmentation
+from groundlab.data.record_index import RecordIndex
+from groundlab.data.tokens import PromptEncoder
+from groundlab.data.transforms import PER_BOX_KEYS
+
+
+@dataclass
+class AnnotatedSource:
+    """One annotation file with its images.
+
+    class_names[i] is class index i; category_ids[i] its COCO id (None for ODVG: the label map's order)."""
+
+    name: str
+    records: RecordIndex
+    images: ImageSource
+    class_names: List[str]
+    category_ids: Optional[List[int]] = None
+
+
+class GroundingDataset(torch.utils.data.Dataset):
+    """Concatenation of annotated sources.
+
+    Each item: {"image": (3, H, W) float32 normalized, "target": {"boxes": (N, 4) normalized cxcywh,
+    "labels": (N,) class index (-1 for grounding phrases), "phrase_ids": (N,) index into the prompt's
+    phrases, "iscrowd": (N,), "masks": (N, H, W) bool when load_masks, "image_id", "orig_size" (h, w),
+    "size" (h, w), "num_dropped", "num_clamped"}, "prompt": Prompt or None, "prompt_class_ids": class
+    index per prompt phrase (-1 for grounding), "source": source index, "file_name", "where"}.
+    """
+
+    def __init__(
+        self, sources: Sequence[AnnotatedSource], encoder: PromptEncoder, transforms, *, train: bool,
+        max_labels: int = 80, seed: int = 0, load_masks: bool = False,
+    ):
+        self.sources = list(sources)
+        self.encoder = encoder
+        self.transforms = transforms
+        self.train = train
+        self.max_labels = max_labels
+        self.seed = seed
+        self.load_masks = load_masks
+        self.epoch = 0
+        self._ends = np.cumsum([len(s.records) for s in self.sources]).astype(np.int64)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Different augmentation and negatives each epoch, reproducible for the same seed."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return int(self._ends[-1]) if len(self._ends) else 0
+
+    def locate(self, index: int) -> tuple:
+        """(source index, record) of a dataset index."""
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        s = int(np.searchsorted(self._ends, index, side="right"))
+        start = int(self._ends[s - 1]) if s else 0
+        return s, self.sources[s].records[index - start]
+
+    def load_image(self, s: int, rec: Dict[str, Any]) -> np.ndarray:
+        """(H, W, 3) uint8 RGB of a record."""
+        return decode_rgb(self.sources[s].images.read(rec["file_name"]), rec["file_name"])
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        s, rec = self.locate(index)
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        image = self.load_image(s, rec)
+        H, W = image.shape[:2]
+        target = self._target(rec, H, W)
+        prompt, class_ids = self._prompt(s, rec, target, rng)
+        img = torch.from_numpy(image).permute(2, 0, 1).float()
+        img, target = self.transforms(img, target, rng)
+        return {"image": img, "target": target, "prompt": prompt, "prompt_class_ids": class_ids,
+                "source": s, "file_name": rec["file_name"], "where": rec["where"]}
+
+    def _target(self, rec: Dict[str, Any], H: int, W: int) -> Dict[str, Any]:
+        boxes = torch.tensor(rec["boxes"], dtype=torch.float32).reshape(-1, 4)
+        clamped = torch.stack([boxes[:, 0].clamp(0, W), boxes[:, 1].clamp(0, H),
+                               boxes[:, 2].clamp(0, W), boxes[:, 3].clamp(0, H)], 1)
+        num_clamped = int((clamped != boxes).any(1).sum())
+        labels = torch.tensor(rec["labels"], dtype=torch.long)
+        grounding = rec["kind"] == "grounding"
+        target: Dict[str, Any] = {
+            "boxes": clamped,
+            "labels": torch.full_like(labels, -1) if grounding else labels,
+            "phrase_ids": labels.clone(),
+            "iscrowd": torch.tensor(rec.get("iscrowd") or [0] * len(labels), dtype=torch.long),
+            "image_id": int(rec["image_id"]),
+            "orig_size": torch.tensor([H, W]),
+            "num_clamped": num_clamped,
+            "num_dropped": 0,
+        }
+        if self.load_masks:
+            if rec["masks"] is None and len(labels):
+                raise DataError("masks were requested but this record has none", rec["where"])
+            masks = [decode_segmentation(m, H, W, rec["where"]) for m in (rec["masks"] or [])]
+            target["masks"] = torch.from_numpy(np.stack(masks)) if masks else torch.zeros(0, H, W, dtype=torch.bool)
+        keep = (clamped[:, 2] > clamped[:, 0]) & (clamped[:, 3] > clamped[:, 1])
+        if self.train:
+            keep &= target["iscrowd"] == 0  # crowd regions are not objects to match
+        if not bool(keep.all()):
+            target = {k: (v[keep] if k in PER_BOX_KEYS else v) for k, v in target.items()}
+            target["num_dropped"] = int((~keep).sum())
+        return target
+
+    def _prompt(self, s: int, rec: Dict[str, Any], target: Dict[str, Any], rng: np.random.Generator):
+        """(Prompt or None, class index per phrase); rewrites target["phrase_ids"] for sampled prompts."""
+        if rec["kind"] == "grounding":
+            prompt = grounding_prompt(rec["caption"], rec["phrases"], rec["spans"], rec["where"])
+            return prompt, [-1] * len(prompt.phrases)
+        names = self.sources[s].class_names
+        max_len = self.encoder.max_text_len
+        if not self.train:
+            if prompt_token_len(names, self.encoder.name_len) > max_len:
+                return None, list(range(len(names)))
+            return class_prompt(names), list(range(len(names)))
+        prompt, class_ids = sample_detection_prompt(
+            target["labels"].tolist(), names, self.max_labels, rng, self.encoder.name_len, max_len, rec["where"]
+        )
+        position = {c: k for k, c in enumerate(class_ids)}
+        target["phrase_ids"] = torch.tensor([position[int(c)] for c in target["labels"]], dtype=torch.long)
+        return prompt, class_ids
+
+
+def sample_prompt_text(prompt: Optional[Prompt]) -> str:
+    """The caption of a prompt, or a marker when the classes need several prompts."""
+    return prompt.text if prompt is not None else "<several prompts>"

@@ -1,0 +1,45 @@
+"""Instance masks from COCO `segmentation` objects (polygons, uncompressed or compressed RLE),
+decoded with pycocotools."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from groundlab.data.errors import DataError
+
+
+def check_segmentation(seg: Any, where: Optional[str] = None) -> None:
+    """Validate a segmentation's structure at read time, so a bad one fails naming its place."""
+    if isinstance(seg, list):
+        if not seg or not all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in seg):
+            raise DataError("polygon segmentation must be a list of [x1, y1, x2, y2, ...] with >= 3 points", where)
+        return
+    if isinstance(seg, dict) and "counts" in seg and "size" in seg and len(seg["size"]) == 2:
+        return
+    raise DataError(f"segmentation must be polygons or an RLE dict with 'size' and 'counts', got {type(seg).__name__}", where)
+
+
+def decode_segmentation(seg: Any, height: int, width: int, where: Optional[str] = None) -> np.ndarray:
+    """(height, width) bool mask of one instance. RLE sizes must match the image."""
+    check_segmentation(seg, where)
+    if isinstance(seg, list):
+        rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
+    else:
+        if [int(v) for v in seg["size"]] != [height, width]:
+            raise DataError(f"RLE size {list(seg['size'])} differs from the image size {[height, width]}", where)
+        if isinstance(seg["counts"], list):
+            rle = mask_utils.frPyObjects(seg, height, width)
+        else:
+            counts = seg["counts"]
+            rle = {"size": [height, width], "counts": counts.encode() if isinstance(counts, str) else counts}
+    return mask_utils.decode(rle).astype(bool)
+
+
+def encode_mask(mask: np.ndarray) -> dict:
+    """COCO compressed RLE of a (H, W) bool mask, with `counts` as str (json-ready)."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle

@@ -1,0 +1,167 @@
+"""ODVG jsonl reader (TAO and Open-GroundingDino layout).
+
+One image per line; the image key is `file_name` (TAO) or `filename` (Open-GroundingDino).
+- detection: {"detection": {"instances": [{"bbox": [x1, y1, x2, y2], "label": 3, "category": "cat",
+  "mask": <COCO polygons or RLE, optional>}]}} with a label map file {"0": "person", ...}.
+- grounding: {"grounding": {"caption": "...", "regions": [{"bbox": [...], "phrase": "a dog",
+  "tokens_positive": [[start, end]] (optional)}]}}.
+Records are streamed into a RecordIndex; errors name `file:line`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+from groundlab.data.box_checks import clean_box, parse_box
+from groundlab.data.errors import DataError
+from groundlab.data.image_source import ImageSource
+from groundlab.data.masks import check_segmentation
+from groundlab.data.read_stats import ReadStats
+from groundlab.data.record_index import RecordIndex
+
+
+def read_label_map(path: str) -> Tuple[List[str], Dict[int, int]]:
+    """(class names ordered by label id, {label id: class index}) from {"0": "name", ...}."""
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise DataError("label map file not found", path) from None
+    except json.JSONDecodeError as err:
+        raise DataError(f"not valid JSON ({err.msg}, line {err.lineno})", path) from None
+    if not isinstance(raw, dict) or not raw:
+        raise DataError('label map must be a non-empty object {"0": "name", ...}', path)
+    try:
+        items = sorted((int(k), str(v)) for k, v in raw.items())
+    except ValueError:
+        raise DataError("label map keys must be integer ids", path) from None
+    return [name for _, name in items], {label: idx for idx, (label, _) in enumerate(items)}
+
+
+def _image_fields(obj: Dict[str, Any], where: str) -> Tuple[str, Optional[int], Optional[int]]:
+    name = obj.get("file_name", obj.get("filename"))
+    if not isinstance(name, str) or not name:
+        raise DataError("record has neither 'file_name' nor 'filename'", where)
+    h, w = obj.get("height"), obj.get("width")
+    return name, (int(h) if h is not None else None), (int(w) if w is not None else None)
+
+
+def _masks_complete(masks: List[Any], where: str, stats: ReadStats) -> bool:
+    """True when every instance has a mask; a partial set is counted, since it cannot train a mask head."""
+    present = sum(m is not None for m in masks)
+    if 0 < present < len(masks):
+        stats.add("records with masks on only some instances (masks not used)", where)
+    return bool(masks) and present == len(masks)
+
+
+def _detection(obj, label_to_idx, h, w, where, stats) -> Dict[str, Any]:
+    if label_to_idx is None:
+        raise DataError("detection records need a label map (data source key 'label_map')", where)
+    boxes, labels, masks = [], [], []
+    instances = obj["detection"].get("instances", []) or []
+    for inst in instances:
+        box = clean_box(parse_box(inst.get("bbox"), where), h, w, where, stats)
+        label = inst.get("label")
+        if not isinstance(label, int) or label not in label_to_idx:
+            raise DataError(f"label {label!r} is not in the label map", where)
+        mask = inst.get("mask")
+        if mask is not None:
+            check_segmentation(mask, where)
+        if box is None:
+            continue
+        boxes.append(box)
+        labels.append(label_to_idx[label])
+        masks.append(mask)
+    has_masks = _masks_complete(masks, where, stats)
+    return {"kind": "detection", "boxes": boxes, "labels": labels, "masks": masks if has_masks else None}
+
+
+def _grounding(obj, h, w, where, stats) -> Dict[str, Any]:
+    g = obj["grounding"]
+    caption = g.get("caption")
+    if not isinstance(caption, str) or not caption.strip():
+        raise DataError("grounding record needs a non-empty 'caption'", where)
+    phrases: List[str] = []
+    spans: List[Optional[List[List[int]]]] = []
+    key_to_id: Dict[Tuple, int] = {}
+    boxes, labels, masks = [], [], []
+    for region in g.get("regions", []) or []:
+        phrase = region.get("phrase")
+        if not isinstance(phrase, str) or not phrase.strip():
+            raise DataError("grounding region needs a non-empty 'phrase'", where)
+        tp = region.get("tokens_positive")
+        key = (phrase, json.dumps(tp))
+        if key not in key_to_id:
+            key_to_id[key] = len(phrases)
+            phrases.append(phrase)
+            spans.append(tp)
+        box = clean_box(parse_box(region.get("bbox"), where), h, w, where, stats)
+        if region.get("mask") is not None:
+            check_segmentation(region["mask"], where)
+        if box is None:
+            continue
+        boxes.append(box)
+        labels.append(key_to_id[key])
+        masks.append(region.get("mask"))
+    has_masks = _masks_complete(masks, where, stats)
+    return {"kind": "grounding", "boxes": boxes, "labels": labels, "masks": masks if has_masks else None,
+            "caption": caption, "phrases": phrases, "spans": spans}
+
+
+def iter_odvg(
+    json_file: str, label_to_idx: Optional[Dict[int, int]], source: Optional[ImageSource],
+    skip_missing: bool, stats: ReadStats,
+) -> Iterator[Dict[str, Any]]:
+    """Parse and validate each line into a record dict (see read_odvg)."""
+    try:
+        f = open(json_file)
+    except FileNotFoundError:
+        raise DataError("annotation file not found", json_file) from None
+    with f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{json_file}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"not valid JSON ({err.msg}, column {err.colno})", where) from None
+            if not isinstance(obj, dict):
+                raise DataError("a line must hold one JSON object", where)
+            name, h, w = _image_fields(obj, where)
+            if source is not None and not source.exists(name):
+                if not skip_missing:
+                    raise DataError(
+                        f"image {name!r} not found in {source.path} (set dataset.skip_missing_images=true to skip)",
+                        where,
+                    )
+                stats.add("missing images skipped", where)
+                continue
+            if "detection" in obj:
+                rec = _detection(obj, label_to_idx, h, w, where, stats)
+            elif "grounding" in obj:
+                rec = _grounding(obj, h, w, where, stats)
+            else:
+                raise DataError("record has neither 'detection' nor 'grounding'", where)
+            rec.update({"file_name": name, "height": h, "width": w, "image_id": lineno, "where": where})
+            stats.records += 1
+            stats.boxes += len(rec["boxes"])
+            yield rec
+
+
+def read_odvg(
+    json_file: str, label_map: Optional[str] = None, source: Optional[ImageSource] = None,
+    skip_missing: bool = False,
+) -> Tuple[RecordIndex, List[str], ReadStats]:
+    """(records, class names from the label map (empty without one), read stats).
+
+    Record keys: kind ("detection"|"grounding"), file_name, height, width (None if absent), image_id
+    (the line number), where ("file:line"), boxes [[x1, y1, x2, y2]] pixels, labels (class index for
+    detection, phrase index for grounding), masks (list of segmentations or None); grounding records
+    add caption, phrases, spans (per phrase: [[start, end], ...] or None)."""
+    names, label_to_idx = read_label_map(label_map) if label_map else ([], None)
+    stats = ReadStats(json_file)
+    index = RecordIndex.build(iter_odvg(json_file, label_to_idx, source, skip_missing, stats))
+    stats.log()
+    return index, names, stats

@@ -1,0 +1,76 @@
+"""From the `dataset` config to annotated sources: the synthetic dataset is generated (once) and
+its files filled in; each data source's annotation format follows its file (`.jsonl` ODVG, `.json` COCO)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from groundlab.data.coco import read_coco
+from groundlab.data.errors import DataError
+from groundlab.data.grounding_dataset import AnnotatedSource
+from groundlab.data.image_source import ImageSourceError, open_image_source
+from groundlab.data.odvg import read_odvg
+from groundlab.data.synthetic import SyntheticPaths, SyntheticSpec, ensure_synthetic
+
+
+def synthetic_spec(cfg: DictConfig) -> SyntheticSpec:
+    """SyntheticSpec from `dataset.synthetic` (ValueError names the field)."""
+    fields = OmegaConf.to_container(cfg, resolve=True)
+    fields["image_size"] = tuple(fields["image_size"])
+    return SyntheticSpec(**fields)
+
+
+def synthetic_paths(dataset: DictConfig, cache_dir: str) -> SyntheticPaths:
+    """Generate (first use) or reuse the synthetic dataset of `dataset.synthetic`."""
+    return ensure_synthetic(synthetic_spec(dataset.synthetic), os.path.expanduser(cache_dir))
+
+
+def resolve_sources(dataset: DictConfig, cache_dir: str) -> Dict[str, Any]:
+    """{"train": [source dicts], "val": source dict or None, "test": ...} with keys image_dir,
+    json_file, label_map. For dataset.type=synthetic they point into the generated dataset."""
+    if dataset.type == "synthetic":
+        p = synthetic_paths(dataset, cache_dir)
+        val = {"image_dir": p.val_images, "json_file": p.val_coco, "label_map": None}
+        return {"train": [{"image_dir": p.train_images, "json_file": p.train_odvg, "label_map": p.label_map}],
+                "val": val, "test": val}
+    container = OmegaConf.to_container(dataset, resolve=True)
+    return {"train": list(container.get("train_data_sources") or []),
+            "val": container.get("val_data_sources"), "test": container.get("test_data_sources")}
+
+
+def load_source(source: Dict[str, Any], key: str, cache_dir: str, skip_missing: bool = False,
+                use_masks: bool = True) -> AnnotatedSource:
+    """Read one source's annotations, checking every image exists. `key` is the config key that named it
+    (e.g. "dataset.train_data_sources[0]") so a bad path is reported where the user wrote it."""
+    json_file = source.get("json_file") or ""
+    image_dir = source.get("image_dir") or ""
+    if not json_file or not os.path.isfile(json_file):
+        raise DataError(f"{key}.json_file={json_file!r} is not a file")
+    try:
+        images = open_image_source(image_dir, cache_dir=os.path.expanduser(cache_dir))
+    except ImageSourceError as err:
+        raise DataError(f"{key}.image_dir: {err}") from None
+    if json_file.endswith(".jsonl"):
+        records, names, _ = read_odvg(json_file, source.get("label_map"), images, skip_missing)
+        return AnnotatedSource(json_file, records, images, names)
+    if json_file.endswith(".json"):
+        records, names, cat_ids, _ = read_coco(json_file, images, skip_missing, use_masks)
+        return AnnotatedSource(json_file, records, images, names, cat_ids)
+    raise DataError(f"{key}.json_file={json_file!r}: expected ODVG '.jsonl' or COCO '.json'")
+
+
+def load_split(dataset: DictConfig, cache_dir: str, split: str, use_masks: bool = True) -> List[AnnotatedSource]:
+    """Annotated sources of split "train", "val" or "test" (an empty list if the split has none)."""
+    resolved = resolve_sources(dataset, cache_dir)[split]
+    if resolved is None:
+        return []
+    entries: List[Optional[Dict[str, Any]]] = resolved if isinstance(resolved, list) else [resolved]
+    key = f"dataset.{split}_data_sources"
+    return [
+        load_source(src, f"{key}[{i}]" if isinstance(resolved, list) else key, cache_dir,
+                    dataset.skip_missing_images, use_masks)
+        for i, src in enumerate(entries)
+    ]

@@ -1,0 +1,35 @@
+"""Runs one composed config: cross-field checks, seeding, the run record, then the action."""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+from omegaconf import DictConfig
+
+from groundlab.actions import get_action
+from groundlab.config import ConfigError, check_config
+from groundlab.run_record import write_run_record
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ConfigError", "run_action"]
+
+
+def run_action(cfg: DictConfig) -> Optional[float]:
+    """Check `cfg`, seed everything, write the run record, run the action; return `cfg.monitor`'s value."""
+    check_config(cfg)
+    action = get_action(cfg.action.name)
+    import torch  # after the checks: a config error must not pay torch's import
+
+    torch.manual_seed(cfg.seed)
+    record = write_run_record(cfg)
+    log.info("run dir: %s", record)
+    metrics = action(cfg) or {}
+    for key, value in metrics.items():
+        log.info("%s: %s", key, value)
+    if cfg.monitor is None:
+        return None
+    if cfg.monitor not in metrics:
+        raise ConfigError(f"monitor={cfg.monitor!r} is not among the action's metrics {sorted(metrics)}.")
+    return float(metrics[cfg.monitor])
