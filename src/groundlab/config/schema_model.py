@@ -12,7 +12,7 @@ from typing import List, Optional
 
 @dataclass
 class GDinoModelConfig:
-    """Grounding DINO (TAO defaults: Swin-T, 900 queries, 6+6 layers, BERT-base text encoder)."""
+    """Grounding DINO and Mask Grounding DINO (TAO defaults: Swin-T, 900 queries, 6+6 layers, BERT-base)."""
 
     name: str = "gdino"
     backbone: str = "swin_tiny_224_1k"
@@ -56,19 +56,12 @@ class GDinoModelConfig:
     set_cost_giou: float = 2.0
     interm_loss_coef: float = 1.0
     loss_types: List[str] = field(default_factory=lambda: ["labels", "boxes"])
-
-
-@dataclass
-class MaskGDinoModelConfig(GDinoModelConfig):
-    """Mask Grounding DINO: Grounding DINO plus a mask head (masks at 1/4 input resolution)."""
-
-    name: str = "mask_gdino"
-    has_mask: bool = True
+    # Mask Grounding DINO (model=mask_gdino sets has_mask; the rest is shared, so one schema serves both)
+    has_mask: bool = False
+    mask_dim: int = 256
     mask_loss_coef: float = 2.0
     dice_loss_coef: float = 5.0
-    mask_dim: int = 256
     num_mask_points: int = 12544  # sampled points for the point-based mask loss (as Mask2Former)
-    loss_types: List[str] = field(default_factory=lambda: ["labels", "boxes", "masks"])
 
 
 @dataclass

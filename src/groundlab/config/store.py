@@ -37,7 +37,6 @@ class RootConfig:
 SCHEMAS = [
     (None, "schema_root", RootConfig),
     ("model", "schema_gdino", mdl.GDinoModelConfig),
-    ("model", "schema_mask_gdino", mdl.MaskGDinoModelConfig),
     ("model", "schema_mal", mdl.MALModelConfig),
     ("dataset", "schema_gdino", ds.DatasetConfig),
     ("dataset", "schema_mal", ds.MALDatasetConfig),

@@ -9,6 +9,22 @@ import torch
 from groundlab.data.tokens import PromptEncoder
 
 
+def pad_images(images: List[torch.Tensor], size_divisibility: int = 0):
+    """(B, 3, H, W) zero-padded at bottom/right and (B, H, W) bool padding mask (True on padding)."""
+    H = max(im.shape[1] for im in images)
+    W = max(im.shape[2] for im in images)
+    if size_divisibility > 1:
+        d = size_divisibility
+        H, W = (H + d - 1) // d * d, (W + d - 1) // d * d
+    batch = images[0].new_zeros(len(images), 3, H, W)
+    padding_mask = torch.ones(len(images), H, W, dtype=torch.bool)
+    for b, im in enumerate(images):
+        h, w = im.shape[1:]
+        batch[b, :, :h, :w] = im
+        padding_mask[b, :h, :w] = False
+    return batch, padding_mask
+
+
 class GroundingCollator:
     """Collate for DataLoader (runs in the workers, so tokenization is off the training loop).
 
@@ -24,17 +40,7 @@ class GroundingCollator:
         self.size_divisibility = size_divisibility
 
     def __call__(self, items: List[Dict[str, Any]]) -> Dict[str, Any]:
-        H = max(it["image"].shape[1] for it in items)
-        W = max(it["image"].shape[2] for it in items)
-        if self.size_divisibility > 1:
-            d = self.size_divisibility
-            H, W = (H + d - 1) // d * d, (W + d - 1) // d * d
-        images = items[0]["image"].new_zeros(len(items), 3, H, W)
-        padding_mask = torch.ones(len(items), H, W, dtype=torch.bool)
-        for b, it in enumerate(items):
-            h, w = it["image"].shape[1:]
-            images[b, :, :h, :w] = it["image"]
-            padding_mask[b, :h, :w] = False
+        images, padding_mask = pad_images([it["image"] for it in items], self.size_divisibility)
         batch: Dict[str, Any] = {
             "images": images,
             "padding_mask": padding_mask,

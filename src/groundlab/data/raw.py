@@ -1,0 +1,113 @@
+"""Unannotated inputs for inference: `raw` (image folders or archives + one class list) and
+`coco_raw` (jsonl lines {"image_path": ..., "caption": ...}, each image with its own caption)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from groundlab.data.captions import Prompt, Span
+from groundlab.data.errors import DataError
+from groundlab.data.image_decode import decode_rgb
+from groundlab.data.image_source import ImageSource, ImageSourceError, open_image_source
+from groundlab.data.read_stats import ReadStats
+
+
+@dataclass(frozen=True)
+class InferItem:
+    source: int  # index into the image sources
+    name: str  # image name inside that source
+    caption: Optional[str] = None  # coco_raw: the image's own caption
+
+
+def caption_prompt(caption: str) -> Prompt:
+    """A free-form caption as a prompt: each '.'-separated part is a phrase with its exact span
+    (found by scanning, so repeated words keep their own places)."""
+    phrases: List[str] = []
+    spans: List[Tuple[Span, ...]] = []
+    start = 0
+    for end in [i for i, ch in enumerate(caption) if ch == "."] + [len(caption)]:
+        part = caption[start:end]
+        stripped = part.strip()
+        if stripped:
+            s = start + (len(part) - len(part.lstrip()))
+            phrases.append(stripped)
+            spans.append(((s, s + len(stripped)),))
+        start = end + 1
+    if not phrases:
+        raise DataError(f"caption {caption!r} has no words")
+    return Prompt(caption, tuple(phrases), tuple(spans))
+
+
+def open_sources(image_dirs: Sequence[str], cache_dir: Optional[str]) -> List[ImageSource]:
+    if not image_dirs:
+        raise DataError("dataset.infer_data_sources.image_dir is empty: give folders or .tar/.tar.gz archives")
+    sources = []
+    for i, path in enumerate(image_dirs):
+        try:
+            sources.append(open_image_source(path, cache_dir=cache_dir))
+        except ImageSourceError as err:
+            raise DataError(f"dataset.infer_data_sources.image_dir[{i}]: {err}") from None
+    return sources
+
+
+def list_raw(sources: Sequence[ImageSource]) -> List[InferItem]:
+    """Every image of every source, in source then name order."""
+    return [InferItem(s, name) for s, src in enumerate(sources) for name in src.names()]
+
+
+def read_coco_raw(json_file: str, sources: Sequence[ImageSource], skip_missing: bool = False) -> List[InferItem]:
+    """Items of a coco_raw jsonl; an image_path is looked up in each source in turn."""
+    stats = ReadStats(json_file)
+    items: List[InferItem] = []
+    try:
+        f = open(json_file)
+    except FileNotFoundError:
+        raise DataError("caption file not found", json_file) from None
+    with f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{json_file}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"not valid JSON ({err.msg}, column {err.colno})", where) from None
+            path, caption = obj.get("image_path"), obj.get("caption")
+            if not isinstance(path, str) or not isinstance(caption, str) or not caption.strip():
+                raise DataError("each line needs 'image_path' and a non-empty 'caption'", where)
+            s = next((k for k, src in enumerate(sources) if src.exists(path)), None)
+            if s is None:
+                if not skip_missing:
+                    raise DataError(f"image {path!r} is in none of {[src.path for src in sources]}", where)
+                stats.add("missing images skipped", where)
+                continue
+            items.append(InferItem(s, path, caption))
+            stats.records += 1
+    stats.log()
+    return items
+
+
+class InferenceDataset(torch.utils.data.Dataset):
+    """Items: {"image": (3, H, W) normalized, "orig_size": (h, w), "size": (h, w), "caption": str or None,
+    "source": int, "file_name": str}; `transforms` as in groundlab.data.transforms (eval)."""
+
+    def __init__(self, sources: Sequence[ImageSource], items: Sequence[InferItem], transforms):
+        self.sources, self.items, self.transforms = list(sources), list(items), transforms
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        item = self.items[index]
+        image = decode_rgb(self.sources[item.source].read(item.name), item.name)
+        h, w = image.shape[:2]
+        target = {"boxes": torch.zeros(0, 4)}
+        img, target = self.transforms(torch.from_numpy(image).permute(2, 0, 1).float(), target,
+                                      np.random.default_rng(index))
+        return {"image": img, "orig_size": torch.tensor([h, w]), "size": target["size"],
+                "caption": item.caption, "source": item.source, "file_name": item.name}

