@@ -8,12 +8,12 @@ evaluation can pass them to COCOeval.
 
 from __future__ import annotations
 
-import json
 from typing import Any, Dict, List, Optional, Tuple
 
 from groundlab.data.box_checks import clean_box, parse_box
 from groundlab.data.errors import DataError
 from groundlab.data.image_source import ImageSource
+from groundlab.data.json_files import load_json
 from groundlab.data.masks import check_segmentation
 from groundlab.data.read_stats import ReadStats
 from groundlab.data.record_index import RecordIndex
@@ -21,13 +21,7 @@ from groundlab.data.record_index import RecordIndex
 
 def load_coco_json(json_file: str) -> Dict[str, Any]:
     """The parsed json, with `images`, `annotations` and `categories` checked to be lists."""
-    try:
-        with open(json_file) as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise DataError("annotation file not found", json_file) from None
-    except json.JSONDecodeError as err:
-        raise DataError(f"not valid JSON ({err.msg}, line {err.lineno})", json_file) from None
+    data = load_json(json_file)
     if not isinstance(data, dict):
         raise DataError("a COCO file must hold one JSON object", json_file)
     for key in ("images", "categories"):

@@ -16,6 +16,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 from groundlab.data.box_checks import clean_box, parse_box
 from groundlab.data.errors import DataError
 from groundlab.data.image_source import ImageSource
+from groundlab.data.json_files import iter_jsonl, load_json
 from groundlab.data.masks import check_segmentation
 from groundlab.data.read_stats import ReadStats
 from groundlab.data.record_index import RecordIndex
@@ -23,13 +24,7 @@ from groundlab.data.record_index import RecordIndex
 
 def read_label_map(path: str) -> Tuple[List[str], Dict[int, int]]:
     """(class names ordered by label id, {label id: class index}) from {"0": "name", ...}."""
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-    except FileNotFoundError:
-        raise DataError("label map file not found", path) from None
-    except json.JSONDecodeError as err:
-        raise DataError(f"not valid JSON ({err.msg}, line {err.lineno})", path) from None
+    raw = load_json(path, "label map file")
     if not isinstance(raw, dict) or not raw:
         raise DataError('label map must be a non-empty object {"0": "name", ...}', path)
     try:
@@ -114,40 +109,26 @@ def iter_odvg(
     skip_missing: bool, stats: ReadStats,
 ) -> Iterator[Dict[str, Any]]:
     """Parse and validate each line into a record dict (see read_odvg)."""
-    try:
-        f = open(json_file)
-    except FileNotFoundError:
-        raise DataError("annotation file not found", json_file) from None
-    with f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{json_file}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"not valid JSON ({err.msg}, column {err.colno})", where) from None
-            if not isinstance(obj, dict):
-                raise DataError("a line must hold one JSON object", where)
-            name, h, w = _image_fields(obj, where)
-            if source is not None and not source.exists(name):
-                if not skip_missing:
-                    raise DataError(
-                        f"image {name!r} not found in {source.path} (set dataset.skip_missing_images=true to skip)",
-                        where,
-                    )
-                stats.add("missing images skipped", where)
-                continue
-            if "detection" in obj:
-                rec = _detection(obj, label_to_idx, h, w, where, stats)
-            elif "grounding" in obj:
-                rec = _grounding(obj, h, w, where, stats)
-            else:
-                raise DataError("record has neither 'detection' nor 'grounding'", where)
-            rec.update({"file_name": name, "height": h, "width": w, "image_id": lineno, "where": where})
-            stats.records += 1
-            stats.boxes += len(rec["boxes"])
-            yield rec
+    for lineno, where, obj in iter_jsonl(json_file):
+        name, h, w = _image_fields(obj, where)
+        if source is not None and not source.exists(name):
+            if not skip_missing:
+                raise DataError(
+                    f"image {name!r} not found in {source.path} (set dataset.skip_missing_images=true to skip)",
+                    where,
+                )
+            stats.add("missing images skipped", where)
+            continue
+        if "detection" in obj:
+            rec = _detection(obj, label_to_idx, h, w, where, stats)
+        elif "grounding" in obj:
+            rec = _grounding(obj, h, w, where, stats)
+        else:
+            raise DataError("record has neither 'detection' nor 'grounding'", where)
+        rec.update({"file_name": name, "height": h, "width": w, "image_id": lineno, "where": where})
+        stats.records += 1
+        stats.boxes += len(rec["boxes"])
+        yield rec
 
 
 def read_odvg(

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -14,6 +13,7 @@ from groundlab.data.captions import Prompt, Span
 from groundlab.data.errors import DataError
 from groundlab.data.image_decode import decode_rgb
 from groundlab.data.image_source import ImageSource, ImageSourceError, open_image_source
+from groundlab.data.json_files import iter_jsonl
 from groundlab.data.read_stats import ReadStats
 
 
@@ -64,30 +64,18 @@ def read_coco_raw(json_file: str, sources: Sequence[ImageSource], skip_missing: 
     """Items of a coco_raw jsonl; an image_path is looked up in each source in turn."""
     stats = ReadStats(json_file)
     items: List[InferItem] = []
-    try:
-        f = open(json_file)
-    except FileNotFoundError:
-        raise DataError("caption file not found", json_file) from None
-    with f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{json_file}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"not valid JSON ({err.msg}, column {err.colno})", where) from None
-            path, caption = obj.get("image_path"), obj.get("caption")
-            if not isinstance(path, str) or not isinstance(caption, str) or not caption.strip():
-                raise DataError("each line needs 'image_path' and a non-empty 'caption'", where)
-            s = next((k for k, src in enumerate(sources) if src.exists(path)), None)
-            if s is None:
-                if not skip_missing:
-                    raise DataError(f"image {path!r} is in none of {[src.path for src in sources]}", where)
-                stats.add("missing images skipped", where)
-                continue
-            items.append(InferItem(s, path, caption))
-            stats.records += 1
+    for _, where, obj in iter_jsonl(json_file, "caption file"):
+        path, caption = obj.get("image_path"), obj.get("caption")
+        if not isinstance(path, str) or not isinstance(caption, str) or not caption.strip():
+            raise DataError("each line needs 'image_path' and a non-empty 'caption'", where)
+        s = next((k for k, src in enumerate(sources) if src.exists(path)), None)
+        if s is None:
+            if not skip_missing:
+                raise DataError(f"image {path!r} is in none of {[src.path for src in sources]}", where)
+            stats.add("missing images skipped", where)
+            continue
+        items.append(InferItem(s, path, caption))
+        stats.records += 1
     stats.log()
     return items
 
