@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from groundlab.data.captions import (
-    class_prompt, grounding_prompt, prompt_token_len, sample_detection_prompt, split_class_prompts,
+    chunk_class_prompts, class_prompt, grounding_prompt, prompt_token_len, sample_detection_prompt, split_class_prompts,
 )
 from groundlab.data.errors import DataError, PromptOverflowError
 from groundlab.data.raw import caption_prompt
@@ -161,3 +161,18 @@ def test_overflowing_phrase_of_long_caption_is_an_error(tokenizer):
     p = grounding_prompt(cap, ["ten"], [None])
     with pytest.raises(PromptOverflowError, match="ten"):
         enc.encode([p], where=["img.jpg"])
+
+
+def test_chunked_prompts_merge_back_to_global_classes(tokenizer):
+    enc = PromptEncoder(tokenizer, 30)
+    names = [f"thing {i}" for i in range(20)]
+    chunked = chunk_class_prompts(names, enc.name_len, 30)
+    assert len(chunked.prompts) > 1
+    merged = []
+    for k, prompt in enumerate(chunked.prompts):
+        out = enc.encode([prompt])  # every chunk tokenizes within the limit, every phrase mapped
+        assert out["input_ids"].shape[1] <= 30 and (out["positive_maps"][0].sum(1) > 0).all()
+        merged += chunked.to_class_ids(k, range(len(prompt.phrases)))
+        assert [names[i] for i in chunked.to_class_ids(k, range(len(prompt.phrases)))] == list(prompt.phrases)
+    assert merged == list(range(20))
+    assert len(chunk_class_prompts(names[:3], enc.name_len, 256).prompts) == 1

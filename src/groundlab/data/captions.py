@@ -78,6 +78,29 @@ def split_class_prompts(
     return chunks
 
 
+@dataclass(frozen=True)
+class ChunkedPrompts:
+    """A class list as one or more prompts that each fit max_text_len (evaluation and inference).
+
+    prompts[k] holds the names of classes class_ids[k]; a model's output for prompt k, phrase j, is class
+    class_ids[k][j], so per-chunk results merge back into one result over all classes."""
+
+    prompts: Tuple[Prompt, ...]
+    class_ids: Tuple[Tuple[int, ...], ...]
+
+    def to_class_ids(self, chunk: int, phrase_ids: Sequence[int]) -> List[int]:
+        """Global class indices of phrases `phrase_ids` of prompt `chunk`."""
+        ids = self.class_ids[chunk]
+        return [ids[int(j)] for j in phrase_ids]
+
+
+def chunk_class_prompts(names: Sequence[str], name_len: Callable[[str], int], max_text_len: int) -> ChunkedPrompts:
+    """All class names as prompts of at most max_text_len tokens (one prompt when they fit)."""
+    chunks = split_class_prompts(names, name_len, max_text_len)
+    return ChunkedPrompts(tuple(class_prompt([names[i] for i in c]) for c in chunks),
+                          tuple(tuple(c) for c in chunks))
+
+
 def sample_detection_prompt(
     positive_ids: Sequence[int],
     names: Sequence[str],
