@@ -27,7 +27,9 @@ def test_default_config_composes_typed(compose):
     "overrides, model_type, train_type",
     [
         (["model=mask_gdino"], schema_model.GDinoModelConfig, schema_action.GDinoTrainConfig),
-        (["model=mal", "dataset=mal_synthetic"], schema_model.MALModelConfig, schema_action.MALTrainConfig),
+        # the bare action schema (name: train) stands in until action=train has its own file
+        (["model=mal", "dataset=mal_synthetic", "action=schema_action"], schema_model.MALModelConfig,
+         schema_action.MALTrainConfig),
     ],
 )
 def test_model_selects_its_action_settings(compose, overrides, model_type, train_type):
@@ -95,6 +97,7 @@ def test_typo_in_a_yaml_file_names_file_and_key(tmp_path):
         (["model.num_feature_levels=2"], "model.num_feature_levels=2"),
         (["dataset.augmentation.train_random_crop_min=700"], "train_random_crop_min=700"),
         (["model=mal"], "model=mal reads dataset.type"),
+        (["model=mal", "dataset=mal_synthetic", "action=visualize"], "action=visualize draws Grounding DINO"),
         (["dataset.synthetic.min_objects=5", "dataset.synthetic.max_objects=2"], "min_objects=5"),
         (["model.hidden_dim=100"], "divisible by model.nheads"),
     ],
