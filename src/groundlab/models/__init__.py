@@ -1,0 +1,1 @@
+"""Models: shared building blocks (common) and the detectors built from them."""

@@ -1,0 +1,59 @@
+"""groundlab checkpoints: weights plus the structural model config (and label map), written atomically,
+read with `weights_only=True`, so evaluate/inference/export rebuild the model without repeating settings.
+
+Layout: {"format": "groundlab", "version": 1, "model_name": "gdino", "model_config": {...},
+"state_dict": {...}, "class_names": [...] or None, "meta": {...}} (meta: epoch, step, ... for training).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Dict, List, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+FORMAT = "groundlab"
+VERSION = 1
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
+
+
+def save_checkpoint(path: str, model: torch.nn.Module, model_config: Any, class_names: Optional[List[str]] = None,
+                    meta: Optional[Dict[str, Any]] = None, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> str:
+    """Write atomically (temp file in the same dir + os.replace): a crash never leaves a half file."""
+    cfg = _plain(model_config)
+    payload = {
+        "format": FORMAT, "version": VERSION, "model_name": cfg.get("name"), "model_config": cfg,
+        "state_dict": state_dict if state_dict is not None else model.state_dict(),
+        "class_names": list(class_names) if class_names is not None else None, "meta": dict(meta or {}),
+    }
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def is_groundlab_checkpoint(obj: Any) -> bool:
+    return isinstance(obj, dict) and obj.get("format") == FORMAT
+
+
+def load_checkpoint(path: str) -> Dict[str, Any]:
+    """The checkpoint dict (see module doc). Raises ValueError naming the file if it is not one of ours."""
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not is_groundlab_checkpoint(obj):
+        raise ValueError(f"{path}: not a groundlab checkpoint (no 'format': 'groundlab' entry)")
+    if obj.get("version", 0) > VERSION:
+        raise ValueError(f"{path}: checkpoint version {obj['version']} is newer than this groundlab ({VERSION})")
+    return obj

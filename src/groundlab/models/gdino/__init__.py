@@ -1,0 +1,1 @@
+"""Grounding DINO: model parts and post-processing of its outputs."""

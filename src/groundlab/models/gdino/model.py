@@ -1,0 +1,158 @@
+"""Grounding DINO: image backbone + BERT text encoder, feature enhancer, language-guided query selection,
+cross-modality decoder and token-level contrastive head.
+
+State-dict keys are IDEA-Research's (`groundingdino_swint_ogc.pth`), except the image backbone, which is
+a transformers backbone under `backbone.body.` with transformers' own names.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from groundlab.data.tokens import SPECIAL_TOKENS, sub_sentence_masks
+from groundlab.models.common.backbone import ImageBackbone
+from groundlab.models.common.mlp import MLP
+from groundlab.models.common.position_encoding import SinePositionEmbedding2D, inverse_sigmoid
+from groundlab.models.common.text_encoder import build_bert
+from groundlab.models.gdino.heads import ContrastiveEmbed
+from groundlab.models.gdino.transformer import Transformer
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """0 where attention is allowed, the dtype's minimum where it is not. Float masks rather than boolean
+    ones: the ONNX export of scaled-dot-product attention with a boolean mask is not reliable."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+class GroundingDINO(nn.Module):
+    """forward(images, input_ids, attention_mask, token_type_ids, position_ids, text_self_attention_mask,
+    padding_mask) -> {"pred_logits": (B, Q, max_text_len) with -inf on padding tokens, "pred_boxes": (B, Q, 4)
+    normalized cxcywh, "aux_outputs": [{"pred_logits", "pred_boxes"}] of earlier decoder layers,
+    "interm_outputs": {"pred_logits", "pred_boxes"} of the selected encoder proposals, "text_token_mask": (B, L)}.
+
+    cfg: the `model` config (GDinoModelConfig fields)."""
+
+    def __init__(self, cfg, bert: Optional[nn.Module] = None):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.hidden_dim
+        self.max_text_len = cfg.max_text_len
+        self.backbone = ImageBackbone(cfg.backbone, cfg.return_interm_indices, cfg.get("backbone_overrides"))
+        self.position_embedding = SinePositionEmbedding2D(d // 2, cfg.pe_temperatureH, cfg.pe_temperatureW)
+        self.bert = bert if bert is not None else build_bert(
+            cfg.text_encoder_type, cfg.get("text_encoder_pretrained", True), cfg.get("text_encoder_overrides"))
+        self.feat_map = nn.Linear(self.bert.config.hidden_size, d)
+        nn.init.xavier_uniform_(self.feat_map.weight)
+        nn.init.constant_(self.feat_map.bias, 0)
+        self.input_proj = self._input_projections(cfg.num_feature_levels, d)
+        self.transformer = Transformer(cfg)
+
+        bbox_embed = MLP(d, d, 4, 3)
+        nn.init.constant_(bbox_embed.layers[-1].weight, 0)
+        nn.init.constant_(bbox_embed.layers[-1].bias, 0)
+        class_embed = ContrastiveEmbed(cfg.max_text_len, cfg.log_scale, cfg.class_embed_bias)
+        n = cfg.dec_layers
+        boxes = [bbox_embed if cfg.dec_pred_bbox_embed_share else copy.deepcopy(bbox_embed) for _ in range(n)]
+        classes = [class_embed if cfg.dec_pred_class_embed_share else copy.deepcopy(class_embed) for _ in range(n)]
+        self.bbox_embed = nn.ModuleList(boxes)
+        self.class_embed = nn.ModuleList(classes)
+        self.transformer.decoder.bbox_embed = self.bbox_embed
+        self.register_buffer("special_token_ids", torch.tensor([101, 102, 1012, 1029]), persistent=False)
+        self._set_special_tokens()
+
+    def _set_special_tokens(self) -> None:
+        """Phrase delimiters ([CLS], [SEP], ".", "?") of this text encoder's vocabulary."""
+        try:
+            from groundlab.data.tokens import load_tokenizer
+
+            tok = load_tokenizer(self.cfg.text_encoder_type)
+            ids = [i for i in tok.convert_tokens_to_ids(list(SPECIAL_TOKENS)) if i != tok.unk_token_id]
+            self.special_token_ids = torch.tensor(ids)
+        except OSError:
+            pass  # no tokenizer files: keep the bert-base-uncased ids
+
+    def _input_projections(self, num_levels: int, d: int) -> nn.ModuleList:
+        """1x1 conv + GroupNorm per backbone level; 3x3 stride-2 convs for the extra levels."""
+        projs = []
+        for c in self.backbone.channels:
+            projs.append(nn.Sequential(nn.Conv2d(c, d, kernel_size=1), nn.GroupNorm(32, d)))
+        in_c = self.backbone.channels[-1]
+        for _ in range(num_levels - len(self.backbone.channels)):
+            projs.append(nn.Sequential(nn.Conv2d(in_c, d, kernel_size=3, stride=2, padding=1), nn.GroupNorm(32, d)))
+            in_c = d
+        for proj in projs:
+            nn.init.xavier_uniform_(proj[0].weight, gain=1)
+            nn.init.constant_(proj[0].bias, 0)
+        return nn.ModuleList(projs)
+
+    def encode_text(self, input_ids, attention_mask, token_type_ids=None, position_ids=None,
+                    text_self_attention_mask=None) -> Dict[str, torch.Tensor]:
+        """BERT with the sub-sentence mask, projected to hidden_dim. Returns {"text": (B, L, C),
+        "text_token_mask": (B, L) bool, "text_self_attention_mask": (B, L, L), "position_ids": (B, L)}."""
+        if text_self_attention_mask is None or position_ids is None:
+            masks = sub_sentence_masks(input_ids, attention_mask, self.special_token_ids.to(input_ids.device))
+            text_self_attention_mask = masks["text_self_attention_mask"]
+            position_ids = masks["position_ids"]
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        L = self.max_text_len
+        input_ids, attention_mask, token_type_ids, position_ids = (
+            t[:, :L] for t in (input_ids, attention_mask, token_type_ids, position_ids))
+        text_self_attention_mask = text_self_attention_mask[:, :L, :L].bool()
+        hidden = self.bert(input_ids=input_ids, attention_mask=additive_mask(text_self_attention_mask[:, None]),
+                           token_type_ids=token_type_ids, position_ids=position_ids).last_hidden_state
+        return {"text": self.feat_map(hidden), "text_token_mask": attention_mask.bool(),
+                "text_self_attention_mask": text_self_attention_mask, "position_ids": position_ids}
+
+    def image_levels(self, images: torch.Tensor, padding_mask: torch.Tensor):
+        """Projected feature maps, padding masks and position encodings of every level."""
+        features = self.backbone(images, padding_mask)
+        srcs, masks = [], []
+        for lvl, (feat, mask) in enumerate(features):
+            srcs.append(self.input_proj[lvl](feat))
+            masks.append(mask)
+        for lvl in range(len(features), len(self.input_proj)):
+            src = self.input_proj[lvl](features[-1][0] if lvl == len(features) else srcs[-1])
+            masks.append(nn.functional.interpolate(padding_mask[None].float(), size=src.shape[-2:])[0].bool())
+            srcs.append(src)
+        pos = [self.position_embedding(m).to(s.dtype) for s, m in zip(srcs, masks)]
+        return srcs, masks, pos
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
+                text_self_attention_mask: Optional[torch.Tensor] = None,
+                padding_mask: Optional[torch.Tensor] = None) -> Dict[str, Any]:
+        """images: (B, 3, H, W) normalized; text inputs (B, L) (and (B, L, L)) as PromptEncoder.encode gives;
+        padding_mask: (B, H, W) True on padding (None: no padding)."""
+        text = self.encode_text(input_ids, attention_mask, token_type_ids, position_ids, text_self_attention_mask)
+        return self.forward_with_text(images, text, padding_mask)
+
+    def forward_with_text(self, images: torch.Tensor, text: Dict[str, torch.Tensor],
+                          padding_mask: Optional[torch.Tensor] = None) -> Dict[str, Any]:
+        """forward() with the text already encoded by encode_text(): inference encodes each distinct prompt
+        once. A text batch of 1 is broadcast over the images."""
+        B = images.shape[0]
+        if padding_mask is None:
+            padding_mask = torch.zeros(B, *images.shape[-2:], dtype=torch.bool, device=images.device)
+        if text["text"].shape[0] != B:
+            text = {k: v.expand(B, *v.shape[1:]) for k, v in text.items()}
+        srcs, masks, pos = self.image_levels(images, padding_mask)
+        out = self.transformer(srcs, masks, pos, text["text"], text["text_token_mask"],
+                               text["text_self_attention_mask"], text["position_ids"])
+        token_mask = text["text_token_mask"]
+        logits: List[torch.Tensor] = []
+        boxes: List[torch.Tensor] = []
+        for lid, hs in enumerate(out["hidden"]):
+            logits.append(self.class_embed[lid](hs, out["text"], token_mask))
+            boxes.append((self.bbox_embed[lid](hs) + inverse_sigmoid(out["references"][lid])).sigmoid())
+        return {
+            "pred_logits": logits[-1],
+            "pred_boxes": boxes[-1],
+            "aux_outputs": [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])],
+            "interm_outputs": {"pred_logits": out["interm_logits"], "pred_boxes": out["interm_boxes"]},
+            "text_token_mask": token_mask,
+        }

@@ -1,0 +1,49 @@
+"""Language-guided query selection (two-stage): every encoder token proposes a box; proposals are scored
+against the text, and the top `num_queries` become the decoder's reference boxes."""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+
+
+def encoder_proposals(memory: torch.Tensor, padding_mask: torch.Tensor, spatial_shapes: List[Tuple[int, int]]):
+    """One box per encoder token: the cell centre, size 0.05 * 2^level (normalized to the valid area).
+
+    memory: (B, S, C); padding_mask: (B, S) True on padding.
+    Returns (memory with padding and invalid proposals zeroed (B, S, C), proposals in logit space (B, S, 4),
+    +inf where invalid: padding, or centre/size outside (0.01, 0.99))."""
+    B = memory.shape[0]
+    proposals, start = [], 0
+    for lvl, (h, w) in enumerate(spatial_shapes):
+        mask = padding_mask[:, start : start + h * w].view(B, h, w)
+        valid_h = (~mask[:, :, 0]).sum(1)
+        valid_w = (~mask[:, 0, :]).sum(1)
+        grid_y, grid_x = torch.meshgrid(
+            torch.linspace(0, h - 1, h, dtype=memory.dtype, device=memory.device),
+            torch.linspace(0, w - 1, w, dtype=memory.dtype, device=memory.device),
+            indexing="ij",
+        )
+        grid = torch.cat([grid_x[..., None], grid_y[..., None]], -1)
+        scale = torch.cat([valid_w[:, None], valid_h[:, None]], 1).view(B, 1, 1, 2)
+        grid = (grid[None].expand(B, -1, -1, -1) + 0.5) / scale
+        wh = torch.ones_like(grid) * 0.05 * (2.0 ** lvl)
+        proposals.append(torch.cat((grid, wh), -1).view(B, -1, 4))
+        start += h * w
+    proposals = torch.cat(proposals, 1)
+    valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
+    proposals = torch.log(proposals / (1 - proposals))
+    proposals = proposals.masked_fill(padding_mask[..., None], float("inf")).masked_fill(~valid, float("inf"))
+    memory = memory.masked_fill(padding_mask[..., None], 0.0).masked_fill(~valid, 0.0)
+    return memory, proposals
+
+
+def select_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, k) indices of the tokens whose best text-token logit is highest. scores: (B, S, L)."""
+    return torch.topk(scores.max(-1)[0], k, dim=1)[1]
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x: (B, S, D), index: (B, K) -> (B, K, D)."""
+    return torch.gather(x, 1, index[..., None].expand(-1, -1, x.shape[-1]))
