@@ -2,7 +2,8 @@
 read with `weights_only=True`, so evaluate/inference/export rebuild the model without repeating settings.
 
 Layout: {"format": "groundlab", "version": 1, "model_name": "gdino", "model_config": {...},
-"state_dict": {...}, "class_names": [...] or None, "meta": {...}} (meta: epoch, step, ... for training).
+"state_dict": {...}, "class_names": [...] or None, "meta": {...}, **extra} (meta: epoch, step, ... for
+training; extra: e.g. "text_config", the BERT config, so no hub access is needed to rebuild).
 """
 
 from __future__ import annotations
@@ -23,13 +24,15 @@ def _plain(value: Any) -> Any:
 
 
 def save_checkpoint(path: str, model: torch.nn.Module, model_config: Any, class_names: Optional[List[str]] = None,
-                    meta: Optional[Dict[str, Any]] = None, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> str:
+                    meta: Optional[Dict[str, Any]] = None, state_dict: Optional[Dict[str, torch.Tensor]] = None,
+                    extra: Optional[Dict[str, Any]] = None) -> str:
     """Write atomically (temp file in the same dir + os.replace): a crash never leaves a half file."""
     cfg = _plain(model_config)
     payload = {
         "format": FORMAT, "version": VERSION, "model_name": cfg.get("name"), "model_config": cfg,
         "state_dict": state_dict if state_dict is not None else model.state_dict(),
         "class_names": list(class_names) if class_names is not None else None, "meta": dict(meta or {}),
+        **(extra or {}),
     }
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)

@@ -1,0 +1,81 @@
+"""Build Grounding DINO from config, or from any checkpoint (groundlab, HF, IDEA) with the structure the
+checkpoint implies, so evaluate/inference/export never ask the user to repeat model settings."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from groundlab.config.schema_model import GDinoModelConfig
+from groundlab.models.checkpoint import is_groundlab_checkpoint, save_checkpoint
+from groundlab.models.gdino.model import GroundingDINO
+from groundlab.models.gdino.weights import (
+    LoadReport, hf_text_config, hf_weights_file, load_state, load_weights, model_config_from_hf,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BuiltModel:
+    model: GroundingDINO
+    config: DictConfig  # the structural model config actually used
+    class_names: Optional[List[str]]  # label map stored in a groundlab checkpoint
+    report: Optional[LoadReport]
+
+
+def typed_model_config(fields: Dict[str, Any]) -> DictConfig:
+    """A model config checked against the schema (unknown keys fail naming them)."""
+    return OmegaConf.merge(OmegaConf.structured(GDinoModelConfig), fields)
+
+
+def _bert_from_config(config: Dict[str, Any]):
+    from transformers import BertConfig, BertModel
+
+    clean = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version", "architectures")}
+    return BertModel(BertConfig(**clean), add_pooling_layer=False)
+
+
+def build_gdino(model_cfg: DictConfig, checkpoint: Optional[str] = None) -> BuiltModel:
+    """The model of `model_cfg` with random weights, or of `checkpoint`:
+    groundlab .pth -> its stored config; HF directory -> its config.json; IDEA .pth -> `model_cfg`."""
+    if checkpoint is None:
+        return BuiltModel(GroundingDINO(model_cfg), model_cfg, None, None)
+    path = os.path.expanduser(checkpoint)
+    if os.path.isdir(path) and hf_weights_file(path) and os.path.isfile(os.path.join(path, "config.json")):
+        cfg = typed_model_config(model_config_from_hf(path))
+        from transformers import BertModel
+
+        model = GroundingDINO(cfg, bert=BertModel(hf_text_config(path), add_pooling_layer=False))
+        report = load_weights(model, path)
+        log.info(report.summary())
+        return BuiltModel(model, cfg, None, report)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    obj = None if hf_weights_file(path) else torch.load(path, map_location="cpu", weights_only=True)
+    if is_groundlab_checkpoint(obj):
+        cfg = typed_model_config(obj["model_config"])
+        bert = _bert_from_config(obj["text_config"]) if obj.get("text_config") else None
+        if bert is None:
+            cfg.text_encoder_pretrained = False
+        model = GroundingDINO(cfg, bert=bert)
+        report = load_state(model, obj["state_dict"], path, "groundlab")
+        log.info(report.summary())
+        return BuiltModel(model, cfg, obj.get("class_names"), report)
+    cfg = model_cfg.copy()
+    cfg.text_encoder_pretrained = False  # the checkpoint carries the text encoder's weights
+    model = GroundingDINO(cfg)
+    report = load_weights(model, path)
+    log.info(report.summary())
+    return BuiltModel(model, cfg, None, report)
+
+
+def save_gdino(path: str, model: GroundingDINO, model_cfg: DictConfig, class_names: Optional[List[str]] = None,
+               meta: Optional[Dict[str, Any]] = None) -> str:
+    """A groundlab checkpoint that rebuilds offline: structure, BERT config, weights, label map."""
+    return save_checkpoint(path, model, model_cfg, class_names, meta, extra={"text_config": model.bert.config.to_dict()})

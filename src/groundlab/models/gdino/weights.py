@@ -1,0 +1,145 @@
+"""Loading real weights into groundlab's Grounding DINO, through one function, whatever their layout:
+
+- groundlab checkpoints (`.pth` written by save_checkpoint: weights + structural config + label map);
+- Hugging Face transformers (`IDEA-Research/grounding-dino-tiny/base` layout): a directory with
+  config.json and model.safetensors / pytorch_model.bin, or one such weights file;
+- official IDEA-Research checkpoints (`groundingdino_swint_ogc.pth` layout: {"model": {...}}).
+
+Keys that do not fit are reported by name (grouped by prefix) and fail the load; only weights that never
+affect outputs (BERT's pooler, the Swin top layernorm that SwinBackbone does not use) may be absent/extra.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from groundlab.models.checkpoint import is_groundlab_checkpoint
+from groundlab.models.gdino import weight_keys as W
+
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+class WeightLoadError(ValueError):
+    """Weights that do not fit the model; the message lists the keys by prefix."""
+
+
+@dataclass
+class LoadReport:
+    source: str  # "groundlab" | "hf" | "idea" | "state_dict"
+    path: str
+    ignored: List[str] = field(default_factory=list)  # optional keys absent or extra (never used by outputs)
+
+    def summary(self) -> str:
+        extra = f", {len(self.ignored)} unused optional keys ({W.describe_mismatch([], [], self.ignored)})" if self.ignored else ""
+        return f"loaded {self.source} weights from {self.path}{extra}"
+
+
+def _read_state(path: str) -> Any:
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def hf_weights_file(path: str) -> Optional[str]:
+    """The weights file of an HF model directory (or the file itself), else None."""
+    if os.path.isdir(path):
+        for name in HF_WEIGHT_FILES:
+            if os.path.isfile(os.path.join(path, name)):
+                return os.path.join(path, name)
+        return None
+    return path if path.endswith(".safetensors") or os.path.basename(path) == "pytorch_model.bin" else None
+
+
+def detect_layout(obj: Any) -> str:
+    """"groundlab", "hf" or "idea" for a loaded checkpoint object."""
+    if is_groundlab_checkpoint(obj):
+        return "groundlab"
+    sd = W.unwrap_checkpoint(obj)
+    if any(k.startswith(("model.text_backbone.", "model.backbone.conv_encoder.")) for k in sd):
+        return "hf"
+    if any(k.startswith(("backbone.0.", "transformer.")) for k in sd):
+        return "idea"
+    raise WeightLoadError("unrecognised checkpoint layout: neither groundlab, Hugging Face nor IDEA-Research keys")
+
+
+def read_weights(path: str) -> Tuple[Dict[str, torch.Tensor], str, List[str]]:
+    """(state dict in our key names, layout, keys that fit no part of the model) of a checkpoint path."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    hf_file = hf_weights_file(path)
+    obj = _read_state(hf_file or path)
+    layout = "hf" if hf_file else detect_layout(obj)
+    if layout == "groundlab":
+        return dict(obj["state_dict"]), layout, []
+    if layout == "hf":
+        sd, unused = W.hf_to_ours(W.unwrap_checkpoint(obj))
+    else:
+        sd, unused = W.idea_to_ours(obj)
+    return sd, layout, unused
+
+
+def load_state(model: nn.Module, state: Dict[str, torch.Tensor], path: str, source: str,
+               unplaced: List[str] = ()) -> LoadReport:
+    """Strict load; mismatches other than optional keys raise WeightLoadError naming them.
+    `unplaced`: checkpoint keys the layout conversion could not name (reported as unexpected)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own] + list(unplaced)
+    shape = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in own if k in state and state[k].shape != own[k].shape]
+    hard_missing = [k for k in missing if not W.is_optional_key(k)]
+    hard_unexpected = [k for k in unexpected if not W.is_optional_key(k)]
+    if hard_missing or hard_unexpected or shape:
+        lines = [W.describe_mismatch(hard_missing, hard_unexpected)] + shape[:20]
+        raise WeightLoadError(f"{path}: {source} weights do not fit the model (check the model config):\n"
+                              + "\n".join(line for line in lines if line))
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    return LoadReport(source, path, sorted(set(missing) | set(unexpected)))
+
+
+def load_weights(model: nn.Module, path: str) -> LoadReport:
+    """Load a groundlab, HF or IDEA checkpoint into `model` (see module doc)."""
+    state, layout, unplaced = read_weights(path)
+    return load_state(model, state, path, layout, unplaced)
+
+
+def model_config_from_hf(path: str) -> Dict[str, Any]:
+    """Our `model` fields from an HF Grounding DINO directory's config.json, so a user names only the path."""
+    with open(os.path.join(path, "config.json")) as f:
+        hf = json.load(f)
+    bb = hf.get("backbone_config") or {}
+    if bb.get("model_type", "swin") != "swin":
+        raise WeightLoadError(f"{path}: backbone {bb.get('model_type')!r} is not supported (Swin only)")
+    out_indices = bb.get("out_indices") or [2, 3, 4]
+    swin = {k: bb[k] for k in ("embed_dim", "depths", "num_heads", "window_size", "image_size") if k in bb}
+    return {
+        "name": "gdino", "backbone": "swin_tiny_224_1k", "backbone_overrides": swin,
+        "return_interm_indices": [i - 1 for i in out_indices],
+        "text_encoder_type": path, "text_encoder_pretrained": False,
+        "hidden_dim": hf.get("d_model", 256), "enc_layers": hf.get("encoder_layers", 6),
+        "dec_layers": hf.get("decoder_layers", 6), "dim_feedforward": hf.get("encoder_ffn_dim", 2048),
+        "nheads": hf.get("encoder_attention_heads", 8), "num_queries": hf.get("num_queries", 900),
+        "num_select": min(300, hf.get("num_queries", 900)), "max_text_len": hf.get("max_text_len", 256),
+        "num_feature_levels": hf.get("num_feature_levels", 4), "enc_n_points": hf.get("encoder_n_points", 4),
+        "dec_n_points": hf.get("decoder_n_points", 4),
+        "pe_temperatureH": hf.get("positional_embedding_temperature", 20),
+        "pe_temperatureW": hf.get("positional_embedding_temperature", 20),
+        "dropout": 0.0, "fusion_dropout": hf.get("fusion_dropout", 0.0), "fusion_droppath": hf.get("fusion_droppath", 0.1),
+    }
+
+
+def hf_text_config(path: str):
+    """The BERT config stored inside an HF Grounding DINO directory."""
+    from transformers import BertConfig
+
+    with open(os.path.join(path, "config.json")) as f:
+        text = json.load(f).get("text_config") or {}
+    return BertConfig(**{k: v for k, v in text.items() if k not in ("model_type", "transformers_version")})
