@@ -20,10 +20,10 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> Optional[float]:
-    from groundlab.runner import ConfigError, run_action
+    from groundlab.runner import ConfigError, monitored, run_action
 
     try:
-        return run_action(cfg)
+        return monitored(cfg, run_action(cfg))
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Dict, Optional
 
 from omegaconf import DictConfig
 
@@ -13,11 +13,11 @@ from groundlab.run_record import write_run_record
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ConfigError", "run_action"]
+__all__ = ["ConfigError", "monitored", "run_action"]
 
 
-def run_action(cfg: DictConfig) -> Optional[float]:
-    """Check `cfg`, seed everything, write the run record, run the action; return `cfg.monitor`'s value."""
+def run_action(cfg: DictConfig) -> Dict[str, float]:
+    """Check `cfg`, seed everything, write the run record, run the action; return its metrics."""
     check_config(cfg)
     action = get_action(cfg.action.name)
     import torch  # after the checks: a config error must not pay torch's import
@@ -28,6 +28,11 @@ def run_action(cfg: DictConfig) -> Optional[float]:
     metrics = action(cfg) or {}
     for key, value in metrics.items():
         log.info("%s: %s", key, value)
+    return metrics
+
+
+def monitored(cfg: DictConfig, metrics: Dict[str, float]) -> Optional[float]:
+    """The value of `cfg.monitor` among the metrics (what a sweeper optimizes), None without a monitor."""
     if cfg.monitor is None:
         return None
     if cfg.monitor not in metrics:

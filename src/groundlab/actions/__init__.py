@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 ACTIONS: Dict[str, str] = {
     "visualize": "groundlab.actions.visualize",
+    "inference": "groundlab.actions.inference",
 }
 
 

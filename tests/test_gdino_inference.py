@@ -1,0 +1,114 @@
+"""action=inference end to end: a saved checkpoint (structure inside) on images from a folder and from a
+.tar.gz, one class list (chunked when long) or a caption per image; writes annotated images, KITTI labels
+and COCO results json."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY_GDINO
+from groundlab.models.gdino.build import build_gdino, save_gdino
+from groundlab.runner import run_action
+
+
+@pytest.fixture(scope="module")
+def checkpoint(compose, tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = compose(TINY_GDINO)
+    built = build_gdino(cfg.model)
+    return save_gdino(str(tmp_path_factory.mktemp("ckpt") / "gdino_tiny.pth"), built.model, cfg.model)
+
+
+def _images(root, archive: bool):
+    rng = np.random.default_rng(0)
+    files = {"a.jpg": (60, 80), "sub/b.png": (72, 64), "c.jpg": (50, 50)}
+    blobs = {}
+    for name, (h, w) in files.items():
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG" if name.endswith("png") else "JPEG")
+        blobs[name] = buf.getvalue()
+    if archive:
+        path = root / "imgs.tar.gz"
+        with tarfile.open(path, "w:gz") as tar:
+            for name, data in blobs.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        return str(path), files
+    for name, data in blobs.items():
+        (root / "imgs" / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / "imgs" / name).write_bytes(data)
+    return str(root / "imgs"), files
+
+
+BASE = ["action=inference", "dataset=raw", "dataset.batch_size=2", "dataset.workers=0",
+        "dataset.augmentation.test_random_resize=64", "inference.conf_threshold=0.0"]
+
+
+@pytest.mark.parametrize("archive", [False, True])
+def test_class_list_inference_writes_all_outputs(compose, checkpoint, tmp_path, archive):
+    image_dir, files = _images(tmp_path, archive)
+    cfg = compose(BASE + [f"inference.checkpoint={checkpoint}", f"dataset.infer_data_sources.image_dir=[{image_dir}]",
+                          "dataset.infer_data_sources.captions=[car,race car,person]"], results_dir=str(tmp_path / "run"))
+    metrics = run_action(cfg)
+    out = tmp_path / "run" / "inference"
+    assert metrics["images"] == 3 and metrics["detections"] == 3 * 20  # num_select of the tiny model
+    for name, (h, w) in files.items():
+        stem = os.path.splitext(name)[0]
+        lines = (out / "labels" / f"{stem}.txt").read_text().splitlines()
+        assert len(lines) == 20
+        fields = lines[0].split()
+        assert fields[0] in ("car", "race_car", "person") and len(fields) == 16
+        x1, y1, x2, y2 = map(float, fields[4:8])
+        assert x1 <= x2 and y1 <= y2
+        assert Image.open(out / "images_annotated" / f"{stem}.jpg").size == (w, h)
+    detections = json.loads((out / "results.json").read_text())
+    images = json.loads((out / "images.json").read_text())
+    assert len(detections) == 60 and {d["image_id"] for d in detections} == {i["id"] for i in images["images"]}
+    assert [c["name"] for c in images["categories"]] == ["car", "race car", "person"]
+
+
+def test_long_class_list_is_chunked_and_merged(compose, checkpoint, tmp_path, monkeypatch):
+    image_dir, _ = _images(tmp_path, False)
+    names = ",".join(f"thing{i}" for i in range(120))  # > 256 tokens: several prompts
+    prompts_seen = []
+    from groundlab.actions import inference as inference_action
+
+    original = inference_action.TextCache.get
+
+    def spy(self, prompt):
+        prompts_seen.append(prompt.text)
+        return original(self, prompt)
+
+    monkeypatch.setattr(inference_action.TextCache, "get", spy)
+    cfg = compose(BASE + [f"inference.checkpoint={checkpoint}", f"dataset.infer_data_sources.image_dir=[{image_dir}]",
+                          f"dataset.infer_data_sources.captions=[{names}]"], results_dir=str(tmp_path / "run"))
+    run_action(cfg)
+    distinct = set(prompts_seen)
+    assert len(distinct) >= 2  # the class list did not fit one prompt
+    assert sorted(n for p in distinct for n in p[: -len(" .")].split(" . ")) == sorted(f"thing{i}" for i in range(120))
+    labels = {d["category_id"] for d in json.loads((tmp_path / "run" / "inference" / "results.json").read_text())}
+    assert labels <= set(range(120))
+
+
+def test_caption_per_image_decodes_phrases(compose, checkpoint, tmp_path):
+    image_dir, _ = _images(tmp_path, True)
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text("\n".join(json.dumps({"image_path": n, "caption": "a red car . a dog ."})
+                                  for n in ("a.jpg", "sub/b.png")))
+    cfg = compose(BASE + ["dataset=coco_raw", f"inference.checkpoint={checkpoint}", "inference.text_threshold=0.0",
+                          f"dataset.infer_data_sources.image_dir=[{image_dir}]",
+                          f"dataset.infer_data_sources.json_file={captions}"], results_dir=str(tmp_path / "run"))
+    metrics = run_action(cfg)
+    assert metrics["images"] == 2
+    images = json.loads((tmp_path / "run" / "inference" / "images.json").read_text())
+    words = {w for c in images["categories"] for w in c["name"].split()}
+    assert words and words <= {"a", "red", "car", "dog", "object"}
