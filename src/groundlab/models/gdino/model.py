@@ -15,6 +15,7 @@ from torch import nn
 
 from groundlab.data.tokens import SPECIAL_TOKENS, sub_sentence_masks
 from groundlab.models.common.backbone import ImageBackbone
+from groundlab.models.common.backbone_weights import load_backbone_weights
 from groundlab.models.common.mlp import MLP
 from groundlab.models.common.position_encoding import SinePositionEmbedding2D, inverse_sigmoid
 from groundlab.models.common.text_encoder import build_bert
@@ -42,6 +43,8 @@ class GroundingDINO(nn.Module):
         d = cfg.hidden_dim
         self.max_text_len = cfg.max_text_len
         self.backbone = ImageBackbone(cfg.backbone, cfg.return_interm_indices, cfg.get("backbone_overrides"))
+        if cfg.get("pretrained_backbone_path"):
+            load_backbone_weights(self.backbone.body, cfg.pretrained_backbone_path)
         self.position_embedding = SinePositionEmbedding2D(d // 2, cfg.pe_temperatureH, cfg.pe_temperatureW)
         self.bert = bert if bert is not None else build_bert(
             cfg.text_encoder_type, cfg.get("text_encoder_pretrained", True), cfg.get("text_encoder_overrides"))
