@@ -43,6 +43,7 @@ def _swin_pair():
 
 
 def _same_features(a, b):
+    a.eval(), b.eval()  # drop path is on in training mode
     x, m = torch.randn(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool)
     with torch.no_grad():
         return all(torch.allclose(fa, fb, atol=1e-5) for (fa, _), (fb, _) in zip(a(x, m), b(x, m)))
@@ -60,7 +61,7 @@ def test_hf_directory_and_grounding_dino_checkpoint(tmp_path):
 
 
 def test_original_swin_classification_checkpoint(tmp_path):
-    from groundlab.models.gdino.weight_keys import hf_swin_to_idea
+    from groundlab.models.common.swin_keys import hf_swin_to_idea
 
     src, dst = _swin_pair()
     original = hf_swin_to_idea(src.body.state_dict())

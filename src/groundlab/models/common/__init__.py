@@ -1,1 +1,2 @@
-"""Model building blocks shared by the detectors: box ops and NMS."""
+"""Parts shared by the models: backbones and their weights, text encoder, deformable attention, position
+encodings, box ops, key-layout conversions."""

@@ -17,6 +17,9 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
+from groundlab.models.common.key_templates import describe_mismatch, unwrap_checkpoint
+from groundlab.models.common.swin_keys import idea_swin_to_hf, normalize_hf_swin
+
 log = logging.getLogger(__name__)
 
 # prefixes under which a backbone can sit in the checkpoints users have
@@ -31,8 +34,6 @@ class BackboneWeightError(ValueError):
 
 
 def read_backbone_state(path: str) -> Dict[str, torch.Tensor]:
-    from groundlab.models.gdino.weight_keys import unwrap_checkpoint
-
     if os.path.isdir(path):
         for name in ("model.safetensors", "pytorch_model.bin"):
             if os.path.isfile(os.path.join(path, name)):
@@ -49,8 +50,6 @@ def read_backbone_state(path: str) -> Dict[str, torch.Tensor]:
 
 def to_backbone_keys(sd: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], List[str]]:
     """(state in `own`'s key names, source keys that fit nowhere)."""
-    from groundlab.models.gdino.weight_keys import idea_swin_to_hf
-
     for prefix in _CONTAINER_PREFIXES:  # the backbone part of a larger checkpoint
         inner = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
         if inner and (prefix != "module." or len(inner) == len(sd)):
@@ -59,6 +58,8 @@ def to_backbone_keys(sd: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor]) 
     sd = {k: v for k, v in sd.items() if not _CLASSIFIER.match(k)}
     if any(_ORIGINAL_SWIN.match(k) for k in sd):
         sd = idea_swin_to_hf(sd, strict=False)
+    else:  # transformers 4.x names (what save_pretrained writes) -> the installed 5.x names
+        sd = normalize_hf_swin(sd)
     own_prefix = next((p for p in ("swin.", "resnet.") if any(k.startswith(p) for k in own)), "")
     out: Dict[str, torch.Tensor] = {}
     for k, v in sd.items():
@@ -82,8 +83,6 @@ def load_backbone_weights(body: nn.Module, path: str) -> List[str]:
     ignorable = [k for k in unused if _CLASSIFIER.match(k) or k.endswith(("relative_position_index", "attn_mask"))]
     hard_unused = [k for k in unused if k not in ignorable]
     if hard_missing or hard_unused or shape:
-        from groundlab.models.gdino.weight_keys import describe_mismatch
-
         raise BackboneWeightError(
             f"model.pretrained_backbone_path={path!r} does not fit model.backbone:\n"
             + "\n".join(x for x in [describe_mismatch(hard_missing, hard_unused)] + shape[:10] if x))

@@ -67,6 +67,11 @@ class GroundingDINO(nn.Module):
         self.register_buffer("special_token_ids", torch.tensor([101, 102, 1012, 1029]), persistent=False)
         self._set_special_tokens()
 
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute encoder/decoder layers in backward instead of storing their activations (train.activation_checkpoint)."""
+        self.transformer.encoder.use_checkpoint = enabled
+        self.transformer.decoder.use_checkpoint = enabled
+
     def _set_special_tokens(self) -> None:
         """Phrase delimiters ([CLS], [SEP], ".", "?") of this text encoder's vocabulary."""
         try:

@@ -1,6 +1,8 @@
 """State-dict key conversions between Grounding DINO weight layouts: IDEA-Research's, transformers', ours.
 
-Pure dict[str, Tensor] -> dict[str, Tensor] transformations; nothing here builds a model.
+Pure dict[str, Tensor] -> dict[str, Tensor] transformations; nothing here builds a model. The generic key
+machinery lives in groundlab.models.common.key_templates, the Swin backbone conversions (and the Swin facts
+they rely on) in groundlab.models.common.swin_keys; both are re-exported here.
 
 Layouts
 -------
@@ -18,18 +20,7 @@ Layouts
 Facts this module relies on, with where they were checked
 ---------------------------------------------------------
 IDEA-Research/GroundingDINO `groundingdino/models/GroundingDINO/`:
-  * `backbone/swin_transformer.py`: `patch_embed.proj` (Conv2d) / `patch_embed.norm`;
-    `layers.i.blocks.j.{norm1, attn.qkv, attn.proj, attn.relative_position_bias_table, norm2, mlp.fc1,
-    mlp.fc2}`; `layers.i.downsample.{reduction (no bias), norm}`; one output LayerNorm `norm{k}` per
-    entry k of `out_indices` only. `WindowAttention` registers `relative_position_index` as a (persistent)
-    buffer, so it is in the checkpoints; the shifted-window `attn_mask` is computed in `BasicLayer.forward`
-    (the original Microsoft Swin keeps it as a buffer). `qkv` is reshaped `(B, N, 3, heads, C/heads)`, so
-    rows [0:C] are q, [C:2C] k, [2C:3C] v. PatchMerging concatenates `x[:, 0::2, 0::2]`,
-    `x[:, 1::2, 0::2]`, `x[:, 0::2, 1::2]`, `x[:, 1::2, 1::2]` (dim 1 = height) before `norm` and
-    `reduction`; transformers 5.23 `SwinPatchMerging` concatenates
-    `[x[:, row::2, col::2] for col in range(2) for row in range(2)]` = the same four slices in the same
-    order, so `downsample.reduction` / `downsample.norm` copy over unchanged. Both compute the relative
-    position index with the same formula, so `relative_position_bias_table` copies unchanged too.
+  * `backbone/swin_transformer.py`: see groundlab.models.common.swin_keys.
   * `backbone/backbone.py`: a ResNet backbone would be at `backbone.0.body.*` (torchvision names) - no
     released Grounding DINO uses it; such keys are reported as unused.
   * `transformer.py`: `transformer.{level_embed, tgt_embed, enc_output, enc_output_norm, enc_out_bbox_embed,
@@ -58,12 +49,9 @@ is one of its pairs, with IDEA's `norm{k}` -> `hidden_states_norms.stage{k+1}`, 
 query/key/value in that order, `transformer.tgt_embed` -> `model.query_position_embeddings`,
 `transformer.decoder.bbox_embed` -> `model.decoder.bbox_embed`, top-level `bbox_embed` unchanged.
 transformers 5.23 (installed):
-  * `conversion_mapping.py` renames old SwinModel keys on load (`attention.self.query` -> `attention.q_proj`,
-    `attention.self.relative_position_bias_table` -> `attention.relative_position_bias.
-    relative_position_bias_table`, `attention.output.dense` -> `attention.o_proj`, `intermediate.dense` ->
-    `mlp.fc1`, `output.dense` -> `mlp.fc2`; SwinBackbone `embeddings.`/`encoder.` -> `swin.embeddings.`/
-    `swin.encoder.`), and `save_pretrained` writes the *old* names back to disk. Hub / saved HF Grounding
-    DINO files therefore hold the old names; `hf_to_ours` accepts both.
+  * `conversion_mapping.py` renames old SwinModel keys on load and `save_pretrained` writes the *old* names
+    back to disk (details in groundlab.models.common.swin_keys). Hub / saved HF Grounding DINO files
+    therefore hold the old names; `hf_to_ours` accepts both.
   * `GroundingDinoForObjectDetection._tied_weights_keys` ties `bbox_embed.{1..}` to `bbox_embed.0` and
     `model.decoder.bbox_embed` to `bbox_embed`; saved files omit the tied copies (`hf_to_ours` fills them).
   * `SwinBackbone` holds an unused `swin.layernorm` (ignored when missing on load); `relative_position_index`
@@ -73,20 +61,27 @@ transformers 5.23 (installed):
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch import Tensor
 
-StateDict = dict[str, Tensor]
+from groundlab.models.common.key_templates import Fused, Renames, StateDict, describe_mismatch, unwrap_checkpoint
+from groundlab.models.common.swin_keys import (
+    RECOMPUTED_BUFFER,
+    hf_swin_to_idea,
+    hf_swin_to_idea_with_unused,
+    idea_swin_to_hf,
+    idea_swin_to_hf_with_unused,
+    normalize_hf_swin,
+)
 
 IDEA_BACKBONE_PREFIX = "backbone.0."
 OURS_BACKBONE_PREFIX = "backbone.body."
 HF_BACKBONE_PREFIX = "model.backbone.conv_encoder.model."
 
-# Deterministic buffers, recomputed by the modules that own them: dropped, never reported.
-_RECOMPUTED_BUFFER = re.compile(r"(^|\.)(relative_position_index|attn_mask)$")
+# Deterministic buffers recomputed by the modules that own them (Swin's, RECOMPUTED_BUFFER; BERT's ids here):
+# dropped, never reported.
 _IDEA_RECOMPUTED_KEYS = frozenset({"bert.embeddings.position_ids", "bert.embeddings.token_type_ids"})
 
 # Weights that our model may lack without any effect on its outputs: IDEA's BERT pooler (frozen, its output
@@ -101,225 +96,13 @@ def is_optional_key(key: str) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Key templates: "a.{i}.b.{rest}" matches "a.3.b.weight"; {rest} is any tail, {kind} is weight|bias, any
-# other field a non-negative integer. A pair of templates converts both ways.
-# --------------------------------------------------------------------------------------------------------
-_FIELD = re.compile(r"\{(\w+)\}")
-
-
-def _template_regex(template: str) -> re.Pattern[str]:
-    parts, pos = [], 0
-    for m in _FIELD.finditer(template):
-        parts.append(re.escape(template[pos:m.start()]))
-        name = m.group(1)
-        pattern = {"rest": ".+", "kind": "weight|bias"}.get(name, r"\d+")
-        parts.append(f"(?P<{name}>{pattern})")
-        pos = m.end()
-    parts.append(re.escape(template[pos:]))
-    return re.compile("^" + "".join(parts) + "$")
-
-
-class _Renames:
-    """Ordered (left, right) template pairs; the first pair whose side matches a key renames it."""
-
-    def __init__(self, pairs: Iterable[tuple[str, str]]):
-        self.pairs = [(a, b, _template_regex(a), _template_regex(b)) for a, b in pairs]
-
-    def left_to_right(self, key: str) -> str | None:
-        for _, b, ra, _ in self.pairs:
-            m = ra.match(key)
-            if m:
-                return b.format(**m.groupdict())
-        return None
-
-    def right_to_left(self, key: str) -> str | None:
-        for a, _, _, rb in self.pairs:
-            m = rb.match(key)
-            if m:
-                return a.format(**m.groupdict())
-        return None
-
-
-class _Fused:
-    """Separate q/k/v Linear layers (left: `{base}.{proj}.{kind}` for the three proj names) <-> one fused
-    (3C, ...) tensor (right), rows in q, k, v order."""
-
-    def __init__(self, specs: Iterable[tuple[str, tuple[str, str, str], str]]):
-        # (left base template, proj names, right template with {kind})
-        self.specs = []
-        for left_base, projs, right in specs:
-            lefts = [_template_regex(f"{left_base}.{p}.{{kind}}") for p in projs]
-            self.specs.append((left_base, projs, right, lefts, _template_regex(right)))
-
-    def fuse(self, sd: Mapping[str, Tensor]) -> tuple[StateDict, list[str], set[str]]:
-        """Returns (fused tensors, keys of incomplete q/k/v groups, every key consumed or reported)."""
-        groups: dict[str, list[str | None]] = {}
-        for key in sd:
-            for _, _, right, lefts, _ in self.specs:
-                for idx, regex in enumerate(lefts):
-                    m = regex.match(key)
-                    if m:
-                        groups.setdefault(right.format(**m.groupdict()), [None, None, None])[idx] = key
-                        break
-                else:
-                    continue
-                break
-        out: StateDict = {}
-        incomplete: list[str] = []
-        seen: set[str] = set()
-        for fused_key, members in groups.items():
-            present = [k for k in members if k is not None]
-            seen.update(present)
-            if len(present) == 3:
-                out[fused_key] = torch.cat([sd[k] for k in present], dim=0)
-            else:
-                incomplete.extend(present)
-        return out, incomplete, seen
-
-    def matches_right(self, key: str) -> bool:
-        return any(spec[4].match(key) for spec in self.specs)
-
-    def split(self, key: str, value: Tensor) -> StateDict | None:
-        """{left key: chunk} for a fused key; {} if it matches but cannot be split in thirds; None if no match."""
-        for left_base, projs, _, _, right_re in self.specs:
-            m = right_re.match(key)
-            if m:
-                if value.ndim == 0 or value.shape[0] % 3:
-                    return {}
-                fields = m.groupdict()
-                base = left_base.format(**{k: v for k, v in fields.items() if k != "kind"})
-                return {f"{base}.{p}.{fields['kind']}": chunk.clone()
-                        for p, chunk in zip(projs, value.chunk(3, dim=0))}
-        return None
-
-
-# --------------------------------------------------------------------------------------------------------
-# Swin: original (IDEA / Microsoft Swin-Transformer) <-> transformers SwinBackbone
-# --------------------------------------------------------------------------------------------------------
-_BLOCK_HF = "swin.encoder.layers.{i}.blocks.{j}"
-_BLOCK_IDEA = "layers.{i}.blocks.{j}"
-# (HF SwinBackbone, original Swin)
-_SWIN_RENAMES = _Renames([
-    ("swin.embeddings.patch_embeddings.projection.{rest}", "patch_embed.proj.{rest}"),
-    ("swin.embeddings.norm.{rest}", "patch_embed.norm.{rest}"),
-    (f"{_BLOCK_HF}.layernorm_before.{{rest}}", f"{_BLOCK_IDEA}.norm1.{{rest}}"),
-    (f"{_BLOCK_HF}.attention.relative_position_bias.relative_position_bias_table",
-     f"{_BLOCK_IDEA}.attn.relative_position_bias_table"),
-    (f"{_BLOCK_HF}.attention.o_proj.{{rest}}", f"{_BLOCK_IDEA}.attn.proj.{{rest}}"),
-    (f"{_BLOCK_HF}.layernorm_after.{{rest}}", f"{_BLOCK_IDEA}.norm2.{{rest}}"),
-    (f"{_BLOCK_HF}.mlp.fc1.{{rest}}", f"{_BLOCK_IDEA}.mlp.fc1.{{rest}}"),
-    (f"{_BLOCK_HF}.mlp.fc2.{{rest}}", f"{_BLOCK_IDEA}.mlp.fc2.{{rest}}"),
-    ("swin.encoder.layers.{i}.downsample.reduction.{rest}", "layers.{i}.downsample.reduction.{rest}"),
-    ("swin.encoder.layers.{i}.downsample.norm.{rest}", "layers.{i}.downsample.norm.{rest}"),
-    # the classification models' final norm (Microsoft Swin `norm`, SwinModel `layernorm`); IDEA has none
-    ("swin.layernorm.{rest}", "norm.{rest}"),
-])
-_SWIN_FUSED = _Fused([(f"{_BLOCK_HF}.attention", ("q_proj", "k_proj", "v_proj"), f"{_BLOCK_IDEA}.attn.qkv.{{kind}}")])
-# output norms: IDEA norm{k} (k = stage index from 0) <-> hidden_states_norms.stage{k+1}
-_IDEA_OUT_NORM = re.compile(r"^norm(\d+)\.(.+)$")
-_HF_OUT_NORM = re.compile(r"^hidden_states_norms\.stage(\d+)\.(.+)$")
-
-# transformers 4.x SwinBackbone names (what save_pretrained still writes) -> 5.x, applied in order
-_HF_SWIN_LEGACY = [
-    (re.compile(r"^embeddings\."), "swin.embeddings."),
-    (re.compile(r"^encoder\."), "swin.encoder."),
-    (re.compile(r"\.attention\.self\.query\."), ".attention.q_proj."),
-    (re.compile(r"\.attention\.self\.key\."), ".attention.k_proj."),
-    (re.compile(r"\.attention\.self\.value\."), ".attention.v_proj."),
-    (re.compile(r"\.attention\.self\.relative_position_bias_table$"),
-     ".attention.relative_position_bias.relative_position_bias_table"),
-    (re.compile(r"\.attention\.self\.relative_position_index$"), ".attention.relative_position_index"),
-    (re.compile(r"\.attention\.output\.dense\."), ".attention.o_proj."),
-    (re.compile(r"(\.blocks\.\d+)\.intermediate\.dense\."), r"\1.mlp.fc1."),
-    (re.compile(r"(\.blocks\.\d+)\.output\.dense\."), r"\1.mlp.fc2."),
-]
-_LOOKS_LIKE_SWIN = re.compile(r"^(swin\.)?(embeddings\.patch_embeddings|encoder\.layers\.\d+\.blocks)\.")
-
-
-def _normalize_hf_swin(sd: Mapping[str, Tensor]) -> StateDict:
-    """SwinBackbone state dict in transformers 4.x or 5.x names -> 5.x names. Non-Swin dicts pass unchanged."""
-    if not any(_LOOKS_LIKE_SWIN.match(k) for k in sd):
-        return dict(sd)
-    out: StateDict = {}
-    for key, value in sd.items():
-        for regex, repl in _HF_SWIN_LEGACY:
-            key = regex.sub(repl, key)
-        out[key] = value
-    return out
-
-
-def _idea_swin_to_hf(sd: Mapping[str, Tensor]) -> tuple[StateDict, list[str]]:
-    out: StateDict = {}
-    unused: list[str] = []
-    for key, value in sd.items():
-        if _RECOMPUTED_BUFFER.search(key):
-            continue
-        split = _SWIN_FUSED.split(key, value)
-        if split is not None:
-            if split:
-                out.update(split)
-            else:
-                unused.append(key)
-            continue
-        m = _IDEA_OUT_NORM.match(key)
-        if m:
-            out[f"hidden_states_norms.stage{int(m.group(1)) + 1}.{m.group(2)}"] = value
-            continue
-        new = _SWIN_RENAMES.right_to_left(key)
-        if new is None:
-            unused.append(key)
-        else:
-            out[new] = value
-    return out, unused
-
-
-def _hf_swin_to_idea(sd: Mapping[str, Tensor]) -> tuple[StateDict, list[str]]:
-    sd = {k: v for k, v in _normalize_hf_swin(sd).items() if not _RECOMPUTED_BUFFER.search(k)}
-    out, unused, seen = _SWIN_FUSED.fuse(sd)
-    for key, value in sd.items():
-        if key in seen:
-            continue
-        m = _HF_OUT_NORM.match(key)
-        if m and int(m.group(1)) >= 1:
-            out[f"norm{int(m.group(1)) - 1}.{m.group(2)}"] = value
-            continue
-        new = _SWIN_RENAMES.left_to_right(key)
-        if new is None:
-            unused.append(key)
-        else:
-            out[new] = value
-    return out, unused
-
-
-def _strict(result: tuple[StateDict, list[str]], what: str, strict: bool) -> StateDict:
-    out, unused = result
-    if unused and strict:
-        raise ValueError(f"{what}: {len(unused)} key(s) fit nowhere:\n{describe_mismatch((), (), unused)}")
-    return out
-
-
-def idea_swin_to_hf(sd: Mapping[str, Tensor], strict: bool = True) -> StateDict:
-    """Original Swin-Transformer (IDEA's `backbone.0.*` with that prefix removed) -> transformers
-    SwinBackbone state dict (5.x names). `qkv` is split in thirds along dim 0 into q_proj/k_proj/v_proj;
-    `norm{k}` becomes `hidden_states_norms.stage{k+1}`; `relative_position_index` / `attn_mask` buffers are
-    dropped. Keys that fit nowhere raise ValueError (strict) or are left out (strict=False)."""
-    return _strict(_idea_swin_to_hf(sd), "idea_swin_to_hf", strict)
-
-
-def hf_swin_to_idea(sd: Mapping[str, Tensor], strict: bool = True) -> StateDict:
-    """transformers SwinBackbone state dict (4.x or 5.x names) -> original Swin-Transformer names; the
-    inverse of idea_swin_to_hf (q/k/v concatenated into `attn.qkv`, stage{s} -> norm{s-1})."""
-    return _strict(_hf_swin_to_idea(sd), "hf_swin_to_idea", strict)
-
-
-# --------------------------------------------------------------------------------------------------------
 # Whole model: HF GroundingDinoForObjectDetection <-> IDEA names (= ours outside the backbone)
 # --------------------------------------------------------------------------------------------------------
 _ENC_HF, _ENC_IDEA = "model.encoder.layers.{i}", "transformer.encoder"
 _DEC_HF, _DEC_IDEA = "model.decoder.layers.{i}", "transformer.decoder.layers.{i}"
 
 # (HF, IDEA), from convert_grounding_dino_to_hf.py's create_rename_keys, inverted
-_HF_IDEA_RENAMES = _Renames([
+_HF_IDEA_RENAMES = Renames([
     # text backbone, projections, embeddings
     ("model.text_backbone.{rest}", "bert.{rest}"),
     ("model.text_projection.{rest}", "feat_map.{rest}"),
@@ -375,14 +158,14 @@ _HF_IDEA_RENAMES = _Renames([
     ("bbox_embed.{rest}", "bbox_embed.{rest}"),
 ])
 _QKV = ("query", "key", "value")
-_HF_IDEA_FUSED = _Fused([
+_HF_IDEA_FUSED = Fused([
     (f"{_ENC_HF}.text_enhancer_layer.self_attn", _QKV, f"{_ENC_IDEA}.text_layers.{{i}}.self_attn.in_proj_{{kind}}"),
     (f"{_DEC_HF}.self_attn", _QKV, f"{_DEC_IDEA}.self_attn.in_proj_{{kind}}"),
     (f"{_DEC_HF}.encoder_attn_text", _QKV, f"{_DEC_IDEA}.ca_text.in_proj_{{kind}}"),
 ])
 # Our names with no IDEA/HF counterpart but a place in our model (MM-Grounding-DINO style contrastive-head
 # log_scale / bias, present only when configured): kept by idea_to_ours, unused for ours_to_hf.
-_OURS_ONLY = _Renames([("class_embed.{i}.{rest}", "class_embed.{i}.{rest}"),
+_OURS_ONLY = Renames([("class_embed.{i}.{rest}", "class_embed.{i}.{rest}"),
                        ("transformer.enc_out_class_embed.{rest}", "transformer.enc_out_class_embed.{rest}")])
 
 _DECODER_LAYER = re.compile(r"^transformer\.decoder\.layers\.(\d+)\.")
@@ -416,8 +199,8 @@ def hf_to_ours(sd: Mapping[str, Tensor], fill_tied: bool = True) -> tuple[StateD
     backbone = {k[len(HF_BACKBONE_PREFIX):]: v for k, v in sd.items() if k.startswith(HF_BACKBONE_PREFIX)}
     rest = {k: v for k, v in sd.items() if not k.startswith(HF_BACKBONE_PREFIX)}
     ours: StateDict = {}
-    for key, value in _normalize_hf_swin(backbone).items():
-        if not _RECOMPUTED_BUFFER.search(key):
+    for key, value in normalize_hf_swin(backbone).items():
+        if not RECOMPUTED_BUFFER.search(key):
             ours[OURS_BACKBONE_PREFIX + key] = value
     fused, unused, seen = _HF_IDEA_FUSED.fuse(rest)
     ours.update(fused)
@@ -443,7 +226,7 @@ def ours_to_hf(sd: Mapping[str, Tensor]) -> tuple[StateDict, list[str]]:
     unused: list[str] = []
     for key, value in sd.items():
         if key.startswith(OURS_BACKBONE_PREFIX):
-            if not _RECOMPUTED_BUFFER.search(key):
+            if not RECOMPUTED_BUFFER.search(key):
                 hf[HF_BACKBONE_PREFIX + key[len(OURS_BACKBONE_PREFIX):]] = value
             continue
         split = _HF_IDEA_FUSED.split(key, value)
@@ -476,7 +259,7 @@ def idea_to_ours(sd: Any) -> tuple[StateDict, list[str]]:
     token_type_ids) are dropped. IDEA's `bert.pooler.*` is kept: see OPTIONAL_KEY_PREFIXES."""
     sd = unwrap_checkpoint(sd)
     swin = {k[len(IDEA_BACKBONE_PREFIX):]: v for k, v in sd.items() if k.startswith(IDEA_BACKBONE_PREFIX)}
-    body, swin_unused = _idea_swin_to_hf(swin)
+    body, swin_unused = idea_swin_to_hf_with_unused(swin)
     ours = {OURS_BACKBONE_PREFIX + k: v for k, v in body.items()}
     unused = [IDEA_BACKBONE_PREFIX + k for k in swin_unused]
     for key, value in sd.items():
@@ -493,79 +276,13 @@ def ours_to_idea(sd: Mapping[str, Tensor]) -> tuple[StateDict, list[str]]:
     """Ours -> IDEA layout (`backbone.body.*` back to `backbone.0.*` original Swin names) -> (idea, unused_keys).
     The inverse of idea_to_ours for Swin backbones; a ResNet backbone has no IDEA counterpart here."""
     body = {k[len(OURS_BACKBONE_PREFIX):]: v for k, v in sd.items() if k.startswith(OURS_BACKBONE_PREFIX)}
-    swin, swin_unused = _hf_swin_to_idea(body)
+    swin, swin_unused = hf_swin_to_idea_with_unused(body)
     idea = {IDEA_BACKBONE_PREFIX + k: v for k, v in swin.items()}
     unused = [OURS_BACKBONE_PREFIX + k for k in swin_unused]
     for key, value in sd.items():
         if not key.startswith(OURS_BACKBONE_PREFIX):
             idea[key] = value
     return idea, unused
-
-
-# --------------------------------------------------------------------------------------------------------
-# Checkpoint containers and reporting
-# --------------------------------------------------------------------------------------------------------
-_NESTING_KEYS = ("model", "state_dict", "model_state_dict")
-
-
-def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and any(isinstance(v, Tensor) for v in obj.values()) and not any(
-        isinstance(v, Mapping) for v in obj.values())
-
-
-def unwrap_checkpoint(obj: Any) -> StateDict:
-    """The state dict inside a loaded checkpoint: follows {"model": ...} (IDEA), {"state_dict": ...}
-    (Lightning) and {"model_state_dict": ...} nesting, then strips leading DDP `module.` prefixes.
-    Raises ValueError when no state dict is found."""
-    seen = 0
-    while not _is_state_dict(obj):
-        if not isinstance(obj, Mapping) or seen > 8:
-            raise ValueError(f"not a checkpoint or state dict: {type(obj).__name__}")
-        inner = next((obj[k] for k in _NESTING_KEYS if isinstance(obj.get(k), Mapping)), None)
-        if inner is None:
-            raise ValueError(f"no state dict in checkpoint with keys {sorted(map(str, obj))[:20]} "
-                             f"(looked for {list(_NESTING_KEYS)})")
-        obj, seen = inner, seen + 1
-    out: StateDict = {}
-    for key, value in obj.items():
-        while key.startswith("module."):
-            key = key[len("module."):]
-        out[key] = value
-    return out
-
-
-def _group(key: str) -> str:
-    """`transformer.decoder.layers.5.self_attn.in_proj_weight` -> `transformer.decoder.layers.5`; a key with no
-    index -> its module path (`feat_map.weight` -> `feat_map`)."""
-    parts = key.split(".")
-    for idx, part in enumerate(parts[:-1]):
-        if part.isdigit():
-            return ".".join(parts[:idx + 1])
-    return ".".join(parts[:-1]) or key
-
-
-def _natural(text: str) -> list:
-    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", text)]
-
-
-def describe_mismatch(missing: Iterable[str], unexpected: Iterable[str], unused: Iterable[str] = (),
-                      max_groups: int = 40) -> str:
-    """Human-readable summary of keys that did not match, grouped by prefix, one line per group:
-    `missing: transformer.decoder.layers.5.* (18 keys)`, `unexpected: feat_map.weight`. unused: keys a
-    conversion could not place. Returns "" when all are empty."""
-    lines: list[str] = []
-    for label, keys in (("missing", missing), ("unexpected", unexpected), ("unused", unused)):
-        groups: dict[str, list[str]] = {}
-        for key in keys:
-            groups.setdefault(_group(key), []).append(key)
-        ordered = sorted(groups, key=_natural)
-        for name in ordered[:max_groups]:
-            members = groups[name]
-            lines.append(f"{label}: {members[0]}" if len(members) == 1 else f"{label}: {name}.* ({len(members)} keys)")
-        if len(ordered) > max_groups:
-            more = ordered[max_groups:]
-            lines.append(f"{label}: ... and {len(more)} more groups ({sum(len(groups[g]) for g in more)} keys)")
-    return "\n".join(lines)
 
 
 __all__ = [

@@ -1,0 +1,54 @@
+"""The Grounding DINO data module: train (augmented, sampled prompts) and val (eval transforms, all class
+names) datasets and their loaders, built from the `dataset` config before training starts, so a missing
+image, an empty validation set or a bad annotation fails at once, not hours in."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+
+from groundlab.data.build import build_grounding_dataset, build_prompt_encoder
+from groundlab.data.errors import DataError
+
+
+class GroundingDataModule(L.LightningDataModule):
+    """Attributes after `prepare()`: train_set, val_set, collate, val_gt_json (COCO GT path or None),
+    val_category_ids (class index -> original id, or None), class_names (label map of the first train source)."""
+
+    def __init__(self, cfg: DictConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.train_set = self.val_set = self.collate = None
+        self.val_gt_json: Optional[str] = None
+        self.val_category_ids: Optional[List[int]] = None
+        self.class_names: Optional[List[str]] = None
+
+    def prepare(self) -> "GroundingDataModule":
+        """Read annotations and check images now (in the launching process)."""
+        encoder = build_prompt_encoder(self.cfg.model)
+        self.train_set, self.collate = build_grounding_dataset(self.cfg, "train", augment=True, encoder=encoder)
+        self.val_set, _ = build_grounding_dataset(self.cfg, "val", augment=False, encoder=encoder)
+        val_source = self.val_set.sources[0]
+        if not val_source.name.endswith(".json"):
+            raise DataError("dataset.val_data_sources.json_file must be a COCO json (the evaluation ground truth)")
+        self.val_gt_json = val_source.name
+        self.val_category_ids = val_source.category_ids
+        self.class_names = self.train_set.sources[0].class_names or None
+        return self
+
+    def _loader(self, dataset, shuffle: bool) -> torch.utils.data.DataLoader:
+        d = self.cfg.dataset
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=d.batch_size, shuffle=shuffle, num_workers=d.workers, collate_fn=self.collate,
+            pin_memory=d.pin_memory and torch.cuda.is_available(), drop_last=False,
+            persistent_workers=False,  # re-created each epoch so they see set_epoch()
+        )
+
+    def train_dataloader(self):
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader(self.val_set, shuffle=False)

@@ -1,0 +1,1 @@
+"""Evaluation: COCO detection / instance segmentation metrics (pycocotools) and results.json."""
