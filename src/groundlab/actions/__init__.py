@@ -13,6 +13,8 @@ from omegaconf import DictConfig
 ACTIONS: Dict[str, str] = {
     "visualize": "groundlab.actions.visualize",
     "inference": "groundlab.actions.inference",
+    "train": "groundlab.actions.train",
+    "evaluate": "groundlab.actions.evaluate",
 }
 
 

@@ -38,6 +38,8 @@ def _check_model(cfg: DictConfig, errors: List[str]) -> None:
         errors.append(f"model.num_queries={m.num_queries} must be >= model.num_select={m.num_select}.")
     if m.hidden_dim % m.nheads:
         errors.append(f"model.hidden_dim={m.hidden_dim} must be divisible by model.nheads={m.nheads}.")
+    if m.log_scale is not None and m.log_scale != "auto" and not isinstance(m.log_scale, (int, float)):
+        errors.append(f"model.log_scale={m.log_scale!r} must be null, auto or a number.")
     if m.max_text_len < 4:
         errors.append(f"model.max_text_len={m.max_text_len} leaves no room for a prompt ([CLS] name . [SEP]).")
 

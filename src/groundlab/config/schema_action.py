@@ -60,8 +60,9 @@ class GDinoTrainConfig:
     precision: str = "fp32"  # fp32 | fp16 | bf16
     distributed_strategy: str = "ddp"  # ddp | fsdp
     activation_checkpoint: bool = False
-    freeze: List[str] = field(default_factory=list)
+    freeze: List[str] = field(default_factory=list)  # parameter-name prefixes to freeze, e.g. [backbone, bert]
     is_dry_run: bool = False
+    wandb: bool = False  # also log to Weights & Biases (needs `pip install wandb` and a login)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 

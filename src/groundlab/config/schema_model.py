@@ -44,7 +44,7 @@ class GDinoModelConfig:
     two_stage_type: str = "standard"
     dec_pred_bbox_embed_share: bool = True
     dec_pred_class_embed_share: bool = True
-    log_scale: Optional[float] = None  # MM-Grounding-DINO contrastive head: learnable log-scale init
+    log_scale: Any = None  # contrastive head scale: null (IDEA), auto (1/sqrt(d)) or a learnable log-scale init (MM-GDINO)
     class_embed_bias: bool = False  # MM-Grounding-DINO contrastive head: learnable bias
     aux_loss: bool = True
     dn_number: int = 0

@@ -28,6 +28,7 @@ class RootConfig:
     evaluate: Any = MISSING
     inference: Any = MISSING
     seed: int = 42
+    run_name: str = "default"  # the run dir is outputs/<model>/<action>/<run_name>: a rerun resumes there
     results_dir: str = "outputs"
     cache_dir: str = "~/.cache/groundlab"  # generated datasets, decompressed archives
     monitor: Optional[str] = None  # metric returned to a sweeper (e.g. val_mAP50)

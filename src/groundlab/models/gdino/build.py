@@ -15,7 +15,7 @@ from groundlab.config.schema_model import GDinoModelConfig
 from groundlab.models.checkpoint import is_groundlab_checkpoint, save_checkpoint
 from groundlab.models.gdino.model import GroundingDINO
 from groundlab.models.gdino.weights import (
-    LoadReport, hf_text_config, hf_weights_file, load_state, load_weights, model_config_from_hf,
+    LoadReport, checkpoint_state, hf_text_config, hf_weights_file, load_state, load_weights, model_config_from_hf,
 )
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def build_gdino(model_cfg: DictConfig, checkpoint: Optional[str] = None) -> Buil
         if bert is None:
             cfg.text_encoder_pretrained = False
         model = GroundingDINO(cfg, bert=bert)
-        report = load_state(model, obj["state_dict"], path, "groundlab")
+        report = load_state(model, checkpoint_state(obj), path, "groundlab")
         log.info(report.summary())
         return BuiltModel(model, cfg, obj.get("class_names"), report)
     cfg = model_cfg.copy()

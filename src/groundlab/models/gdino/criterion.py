@@ -56,7 +56,8 @@ def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gam
 
 
 def base_loss_name(key: str) -> Tuple[str, str]:
-    """"loss_ce_3" -> ("loss_ce", "_3"); "loss_bbox_interm" -> ("loss_bbox", "_interm"); "loss_ce" -> ("loss_ce", "")."""
+    """Split a loss key into base name and layer suffix: "loss_ce_3" -> ("loss_ce", "_3"),
+    "loss_bbox_interm" -> ("loss_bbox", "_interm"), "loss_ce" -> ("loss_ce", "")."""
     m = _SUFFIX.match(key)
     return (m.group("base"), m.group("suffix")) if m else (key, "")
 
@@ -203,14 +204,16 @@ class SetCriterion(nn.Module):
 
 def build_criterion(model_cfg: Any) -> SetCriterion:
     """SetCriterion from a GDinoModelConfig (DictConfig or dataclass): loss weights cls/bbox/giou_loss_coef,
-    matching costs set_cost_*, focal_alpha/gamma, aux_loss, interm_loss_coef, loss_types."""
+    matching costs set_cost_*, focal_alpha/gamma, aux_loss, interm_loss_coef, loss_types ("masks" skipped)."""
     matcher = HungarianMatcher(
         cost_class=model_cfg.set_cost_class, cost_bbox=model_cfg.set_cost_bbox, cost_giou=model_cfg.set_cost_giou,
         focal_alpha=model_cfg.focal_alpha, focal_gamma=model_cfg.focal_gamma,
     )
     weight_dict = {"loss_ce": model_cfg.cls_loss_coef, "loss_bbox": model_cfg.bbox_loss_coef,
                    "loss_giou": model_cfg.giou_loss_coef}
-    losses = tuple(getattr(model_cfg, "loss_types", None) or ("labels", "boxes"))
+    # "masks" (mask_gdino's loss_types) belongs to the Mask Grounding DINO loss, not to this criterion; any other
+    # unknown name still fails in SetCriterion.
+    losses = tuple(n for n in (getattr(model_cfg, "loss_types", None) or ("labels", "boxes")) if n != "masks")
     return SetCriterion(matcher, weight_dict, focal_alpha=model_cfg.focal_alpha, focal_gamma=model_cfg.focal_gamma,
                         losses=losses, aux_loss=bool(model_cfg.aux_loss),
                         interm_loss_coef=model_cfg.interm_loss_coef)

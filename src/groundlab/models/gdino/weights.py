@@ -70,6 +70,12 @@ def detect_layout(obj: Any) -> str:
     raise WeightLoadError("unrecognised checkpoint layout: neither groundlab, Hugging Face nor IDEA-Research keys")
 
 
+def checkpoint_state(obj: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """The model weights of a groundlab checkpoint; training checkpoints (Lightning) prefix them."""
+    prefix = obj.get("state_dict_prefix", "")
+    return {k[len(prefix):]: v for k, v in obj["state_dict"].items() if k.startswith(prefix)}
+
+
 def read_weights(path: str) -> Tuple[Dict[str, torch.Tensor], str, List[str]]:
     """(state dict in our key names, layout, keys that fit no part of the model) of a checkpoint path."""
     if not os.path.exists(path):
@@ -78,7 +84,7 @@ def read_weights(path: str) -> Tuple[Dict[str, torch.Tensor], str, List[str]]:
     obj = _read_state(hf_file or path)
     layout = "hf" if hf_file else detect_layout(obj)
     if layout == "groundlab":
-        return dict(obj["state_dict"]), layout, []
+        return checkpoint_state(obj), layout, []
     if layout == "hf":
         sd, unused = W.hf_to_ours(W.unwrap_checkpoint(obj))
     else:

@@ -1,0 +1,74 @@
+"""Checkpoint files of a training run: `model_epoch_{epoch:03d}_step_{step:05d}.pth` every
+`checkpoint_interval` epochs (or steps), and `<model>_model_latest.pth` always pointing at the newest.
+Each is written to a temporary file and renamed into place, so a crash never leaves a truncated file;
+`latest` is a hard link (no second copy on disk) where the filesystem allows it."""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+from typing import Optional
+
+import lightning as L
+
+CHECKPOINT_PATTERN = re.compile(r"^model_epoch_(\d{3,})_step_(\d{5,})\.pth$")
+
+
+def latest_path(run_dir: str, model_name: str) -> str:
+    return os.path.join(run_dir, f"{model_name}_model_latest.pth")
+
+
+def find_resume_checkpoint(run_dir: str, model_name: str) -> Optional[str]:
+    """The run dir's latest checkpoint (the `latest` file, else the highest step), or None."""
+    latest = latest_path(run_dir, model_name)
+    if os.path.isfile(latest):
+        return latest
+    found = []
+    for path in glob.glob(os.path.join(run_dir, "model_epoch_*_step_*.pth")):
+        m = CHECKPOINT_PATTERN.match(os.path.basename(path))
+        if m:
+            found.append((int(m.group(2)), path))
+    return max(found)[1] if found else None
+
+
+class GroundlabCheckpoint(L.Callback):
+    """Saves every `interval` epochs (unit "epoch", after validation) or optimizer steps (unit "step")."""
+
+    def __init__(self, run_dir: str, model_name: str, interval: int = 1, unit: str = "epoch"):
+        if unit not in ("epoch", "step"):
+            raise ValueError(f"checkpoint_interval_unit={unit!r}: use epoch or step")
+        self.run_dir, self.model_name, self.interval, self.unit = run_dir, model_name, max(1, interval), unit
+        self._last_saved_step = -1
+
+    def _save(self, trainer: L.Trainer, epoch: int) -> None:
+        if trainer.global_step == self._last_saved_step:
+            return
+        self._last_saved_step = trainer.global_step
+        name = f"model_epoch_{epoch:03d}_step_{trainer.global_step:05d}.pth"
+        final = os.path.join(self.run_dir, name)
+        tmp = final + ".tmp"
+        trainer.save_checkpoint(tmp)  # collective: every rank calls it; rank 0 writes
+        if trainer.is_global_zero:
+            os.replace(tmp, final)
+            latest = latest_path(self.run_dir, self.model_name)
+            link_tmp = latest + ".tmp"
+            if os.path.lexists(link_tmp):
+                os.remove(link_tmp)
+            try:
+                os.link(final, link_tmp)
+            except OSError:
+                shutil.copyfile(final, link_tmp)
+            os.replace(link_tmp, latest)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.unit == "step" and trainer.global_step > 0 and trainer.global_step % self.interval == 0:
+            self._save(trainer, trainer.current_epoch)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        epoch = trainer.current_epoch + 1  # epochs done
+        if self.unit == "epoch" and (epoch % self.interval == 0 or epoch == trainer.max_epochs):
+            self._save(trainer, epoch)
+        elif self.unit == "step" and epoch == trainer.max_epochs:
+            self._save(trainer, epoch)
