@@ -72,6 +72,7 @@ def run(cfg: DictConfig) -> Dict[str, float]:
         callbacks=[GroundlabCheckpoint(run_dir, cfg.model.name, train.checkpoint_interval,
                                        train.checkpoint_interval_unit)],
         num_sanity_val_steps=0, log_every_n_steps=1, fast_dev_run=bool(train.is_dry_run),
+        max_time={"minutes": train.max_time_minutes} if train.max_time_minutes else None,
         **_interval(train.validation_interval, train.validation_interval_unit),
     )
     resume = train.resume_training_checkpoint_path or find_resume_checkpoint(run_dir, cfg.model.name)

@@ -47,6 +47,7 @@ class OptimConfig:
 @dataclass
 class GDinoTrainConfig:
     num_epochs: int = 12
+    max_time_minutes: Optional[float] = None  # stop after this wall time (a checkpoint is written at the stop)
     num_gpus: int = 1
     gpu_ids: List[int] = field(default_factory=lambda: [0])
     num_nodes: int = 1

@@ -53,6 +53,7 @@ class GroundingCollator:
         if all(it["prompt"] is not None for it in items):
             text = self.encoder.encode([it["prompt"] for it in items], where=[it["where"] for it in items])
             batch.update(text)
-            for target, pmap in zip(batch["targets"], text["positive_maps"]):
+            for target, pmap, it in zip(batch["targets"], text["positive_maps"], items):
                 target["positive_map"] = pmap[target["phrase_ids"]]
+                target["num_phrases"] = len(it["prompt"].phrases)
         return batch

@@ -66,6 +66,10 @@ class GroundlabCheckpoint(L.Callback):
         if self.unit == "step" and trainer.global_step > 0 and trainer.global_step % self.interval == 0:
             self._save(trainer, trainer.current_epoch)
 
+    def on_train_end(self, trainer, pl_module) -> None:
+        """A run stopped early (max_time) still leaves its final state."""
+        self._save(trainer, trainer.current_epoch)
+
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         epoch = trainer.current_epoch + 1  # epochs done
         if self.unit == "epoch" and (epoch % self.interval == 0 or epoch == trainer.max_epochs):

@@ -139,7 +139,23 @@ class SetCriterion(nn.Module):
                 final_indices = indices
             for name, value in self.layer_losses(layer, targets, indices, token_mask, num_boxes).items():
                 losses[name + suffix] = value
+        if outputs.get("dn_outputs") is not None:
+            losses.update(self.denoising_losses(outputs["dn_outputs"], targets, token_mask, num_boxes))
         return (losses, final_indices) if return_indices else losses
+
+    def denoising_losses(self, dn: Dict[str, Any], targets, token_mask: Tensor, num_boxes: float) -> Dict[str, Tensor]:
+        """Losses of the denoising queries ("_dn", "_dn_{i}" for earlier layers): no matching, each positive
+        query answers for the box it was made from; negatives only learn "no phrase". Normalized per group."""
+        meta = dn["meta"]
+        indices = [(q, j) for q, j in meta["indices"]]
+        norm = num_boxes * meta["num_groups"]
+        out: Dict[str, Tensor] = {}
+        layers = [("_dn", dn)] + ([(f"_dn_{i}", a) for i, a in enumerate(dn.get("aux_outputs") or [])]
+                                  if self.aux_loss else [])
+        for suffix, layer in layers:
+            for name, value in self.layer_losses(layer, targets, indices, token_mask, norm).items():
+                out[name + suffix] = value
+        return out
 
     def layer_losses(self, layer: Dict[str, Tensor], targets: Sequence[Dict[str, Tensor]], indices: Indices,
                      token_mask: Tensor, num_boxes: float) -> Dict[str, Tensor]:
@@ -211,6 +227,7 @@ def build_criterion(model_cfg: Any) -> SetCriterion:
     )
     weight_dict = {"loss_ce": model_cfg.cls_loss_coef, "loss_bbox": model_cfg.bbox_loss_coef,
                    "loss_giou": model_cfg.giou_loss_coef}
+    weight_dict.update({f"{k}_dn": v for k, v in list(weight_dict.items())})  # denoising terms weigh the same
     # "masks" (mask_gdino's loss_types) belongs to the Mask Grounding DINO loss, not to this criterion; any other
     # unknown name still fails in SetCriterion.
     losses = tuple(n for n in (getattr(model_cfg, "loss_types", None) or ("labels", "boxes")) if n != "masks")

@@ -33,6 +33,7 @@ class GDinoLightning(L.LightningModule):
         self.model = build_gdino(cfg.model).model
         if cfg.train.pretrained_model_path:
             log.info(load_weights(self.model, cfg.train.pretrained_model_path).summary())
+        self.model.train()  # from_pretrained() hands over the text encoder in eval mode
         self._freeze(cfg.train.freeze)
         self.model.set_activation_checkpointing(bool(cfg.train.activation_checkpoint))
         self.criterion = build_criterion(cfg.model)
@@ -51,10 +52,14 @@ class GDinoLightning(L.LightningModule):
             for n, p in self.model.named_parameters():
                 if n.startswith(prefix):
                     p.requires_grad_(False)
+            for n, m in self.model.named_modules():  # frozen parts also stop dropout / drop path
+                if n == prefix or n.startswith(prefix + "."):
+                    m.eval()
 
-    def forward(self, batch: Dict[str, Any]) -> Dict[str, Any]:
+    def forward(self, batch: Dict[str, Any], targets: Optional[list] = None) -> Dict[str, Any]:
+        """targets (training): enable the denoising queries when model.dn_number > 0."""
         return self.model(batch["images"], batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
-                          batch["position_ids"], batch["text_self_attention_mask"], batch["padding_mask"])
+                          batch["position_ids"], batch["text_self_attention_mask"], batch["padding_mask"], targets)
 
     def transfer_batch_to_device(self, batch: Dict[str, Any], device, dataloader_idx: int) -> Dict[str, Any]:
         """Tensors (and the targets' tensors) to the device; prompts and names stay as they are."""
@@ -73,7 +78,7 @@ class GDinoLightning(L.LightningModule):
             self.dm.train_set.set_epoch(self.current_epoch)
 
     def training_step(self, batch: Dict[str, Any], batch_idx: int) -> torch.Tensor:
-        losses = self.criterion(self(batch), batch["targets"])
+        losses = self.criterion(self(batch, batch["targets"]), batch["targets"])
         total = self.criterion.weighted_total(losses)
         if not torch.isfinite(total):
             raise FloatingPointError(

@@ -19,6 +19,7 @@ from groundlab.models.common.backbone_weights import load_backbone_weights
 from groundlab.models.common.mlp import MLP
 from groundlab.models.common.position_encoding import SinePositionEmbedding2D, inverse_sigmoid
 from groundlab.models.common.text_encoder import build_bert
+from groundlab.models.gdino.denoising import prepare_denoising
 from groundlab.models.gdino.heads import ContrastiveEmbed
 from groundlab.models.gdino.transformer import Transformer
 
@@ -64,6 +65,10 @@ class GroundingDINO(nn.Module):
         self.bbox_embed = nn.ModuleList(boxes)
         self.class_embed = nn.ModuleList(classes)
         self.transformer.decoder.bbox_embed = self.bbox_embed
+        # denoising training (DINO's CDN): label queries embed a phrase index (IDEA/DINO name `label_enc`)
+        self.dn_number = int(cfg.get("dn_number", 0))
+        if self.dn_number > 0:
+            self.label_enc = nn.Embedding(cfg.dn_labelbook_size + 1, d)
         self.register_buffer("special_token_ids", torch.tensor([101, 102, 1012, 1029]), persistent=False)
         self._set_special_tokens()
 
@@ -133,14 +138,15 @@ class GroundingDINO(nn.Module):
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
                 text_self_attention_mask: Optional[torch.Tensor] = None,
-                padding_mask: Optional[torch.Tensor] = None) -> Dict[str, Any]:
+                padding_mask: Optional[torch.Tensor] = None, targets: Optional[list] = None) -> Dict[str, Any]:
         """images: (B, 3, H, W) normalized; text inputs (B, L) (and (B, L, L)) as PromptEncoder.encode gives;
-        padding_mask: (B, H, W) True on padding (None: no padding)."""
+        padding_mask: (B, H, W) True on padding (None: no padding); targets (training with model.dn_number > 0):
+        per image {"boxes", "phrase_ids"} for denoising queries, whose outputs come back under "dn_outputs"."""
         text = self.encode_text(input_ids, attention_mask, token_type_ids, position_ids, text_self_attention_mask)
-        return self.forward_with_text(images, text, padding_mask)
+        return self.forward_with_text(images, text, padding_mask, targets)
 
     def forward_with_text(self, images: torch.Tensor, text: Dict[str, torch.Tensor],
-                          padding_mask: Optional[torch.Tensor] = None) -> Dict[str, Any]:
+                          padding_mask: Optional[torch.Tensor] = None, targets: Optional[list] = None) -> Dict[str, Any]:
         """forward() with the text already encoded by encode_text(): inference encodes each distinct prompt
         once. A text batch of 1 is broadcast over the images."""
         B = images.shape[0]
@@ -149,18 +155,29 @@ class GroundingDINO(nn.Module):
         if text["text"].shape[0] != B:
             text = {k: v.expand(B, *v.shape[1:]) for k, v in text.items()}
         srcs, masks, pos = self.image_levels(images, padding_mask)
+        dn = None
+        if self.training and targets is not None and self.dn_number > 0:
+            dn = prepare_denoising(targets, self.dn_number, self.cfg.dn_label_noise_ratio,
+                                   self.cfg.dn_box_noise_scale, self.transformer.num_queries, self.label_enc)
         out = self.transformer(srcs, masks, pos, text["text"], text["text_token_mask"],
-                               text["text_self_attention_mask"], text["position_ids"])
+                               text["text_self_attention_mask"], text["position_ids"], dn[:3] if dn else None)
         token_mask = text["text_token_mask"]
         logits: List[torch.Tensor] = []
         boxes: List[torch.Tensor] = []
         for lid, hs in enumerate(out["hidden"]):
             logits.append(self.class_embed[lid](hs, out["text"], token_mask))
             boxes.append((self.bbox_embed[lid](hs) + inverse_sigmoid(out["references"][lid])).sigmoid())
-        return {
+        result: Dict[str, Any] = {}
+        if dn is not None:  # split off the denoising queries (the first pad_size)
+            P = dn[3]["pad_size"]
+            dn_layers = [{"pred_logits": a[:, :P], "pred_boxes": b[:, :P]} for a, b in zip(logits, boxes)]
+            result["dn_outputs"] = {**dn_layers[-1], "aux_outputs": dn_layers[:-1], "meta": dn[3]}
+            logits, boxes = [a[:, P:] for a in logits], [b[:, P:] for b in boxes]
+        result.update({
             "pred_logits": logits[-1],
             "pred_boxes": boxes[-1],
             "aux_outputs": [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])],
             "interm_outputs": {"pred_logits": out["interm_logits"], "pred_boxes": out["interm_boxes"]},
             "text_token_mask": token_mask,
-        }
+        })
+        return result

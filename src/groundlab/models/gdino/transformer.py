@@ -3,7 +3,7 @@ decoder (IDEA-Research's `transformer.*` parameter layout)."""
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -51,9 +51,11 @@ class Transformer(nn.Module):
 
     def forward(self, srcs: List[torch.Tensor], masks: List[torch.Tensor], pos_embeds: List[torch.Tensor],
                 text: torch.Tensor, text_token_mask: torch.Tensor, text_self_attention_mask: torch.Tensor,
-                text_position_ids: torch.Tensor) -> Dict[str, Any]:
+                text_position_ids: torch.Tensor, denoising: Optional[Tuple[torch.Tensor, ...]] = None) -> Dict[str, Any]:
         """srcs/masks/pos_embeds: per level (B, C, H_l, W_l) / (B, H_l, W_l) True on padding / (B, C, H_l, W_l).
-        text: (B, L, C); text_token_mask: (B, L) True on real tokens.
+        text: (B, L, C); text_token_mask: (B, L) True on real tokens. denoising: training-only (label queries
+        (B, P, C), box queries in logit space (B, P, 4), self-attention mask) from prepare_denoising, placed before
+        the matching queries (the outputs' first P queries are then the denoising ones).
 
         Returns {"hidden": per decoder layer (B, Q, C), "references": num_layers + 1 boxes (B, Q, 4)
         (sigmoid space, initial first), "text": enhanced text (B, L, C), "interm_logits": (B, Q, max_text_len)
@@ -77,8 +79,13 @@ class Transformer(nn.Module):
         interm_logits = gather_tokens(enc_logits, topk)
         reference_points = ref_undetached.detach().sigmoid()
         tgt = self.tgt_embed.weight[None].expand(src_flat.shape[0], -1, -1)
+        self_attn_mask = None
+        if denoising is not None:
+            dn_label, dn_box, self_attn_mask = denoising
+            tgt = torch.cat([dn_label.to(tgt.dtype), tgt], 1)
+            reference_points = torch.cat([dn_box.sigmoid().to(reference_points.dtype), reference_points], 1)
         hidden, references = self.decoder(tgt, reference_points, memory, spatial_shapes, valid_ratios, mask_flat,
-                                          text, text_padding_mask)
+                                          text, text_padding_mask, self_attn_mask)
         return {"hidden": hidden, "references": references, "text": text,
                 "interm_logits": interm_logits, "interm_boxes": ref_undetached.sigmoid()}
 

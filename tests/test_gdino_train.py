@@ -1,0 +1,137 @@
+"""Training end to end on the tiny model: checkpoints, kill-and-resume with the same command, a NaN loss
+stopping the run with its step, bad validation data failing before training, evaluate with category ids
+1/5/90, and a short training run that clearly beats the untrained model."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, TINY_GDINO
+from groundlab.data.errors import DataError
+from groundlab.runner import run_action
+
+# the quickstart recipe on the tiny model and a small synthetic set
+TRAIN = ["experiment=quickstart", *TINY_GDINO, "dataset.synthetic.num_train=16", "dataset.synthetic.num_val=4",
+         "dataset.synthetic.image_size=[64,64]", "dataset.workers=0", "dataset.batch_size=8",
+         "dataset.augmentation.scales=[64]", "dataset.augmentation.test_random_resize=64",
+         "dataset.augmentation.train_random_resize=[64]", "dataset.augmentation.train_random_crop_min=48",
+         "dataset.augmentation.train_random_crop_max=64"]
+
+
+def test_checkpoints_and_kill_then_resume_with_the_same_command(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "run.py"), *TRAIN, "train.num_epochs=4", "train.checkpoint_interval=2",
+           "train.checkpoint_interval_unit=step", f"hydra.run.dir={run_dir}"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    deadline = time.time() + 240
+    while not glob.glob(str(run_dir / "model_epoch_*_step_00004.pth")) and time.time() < deadline:
+        if first.poll() is not None:
+            pytest.fail("training ended before it could be killed:\n" + first.stdout.read().decode()[-3000:])
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)  # mid-run, as a crash would
+    first.wait()
+    assert (run_dir / "gdino_model_latest.pth").exists()
+    for path in glob.glob(str(run_dir / "*.pth")):  # a kill may leave a .tmp, never a truncated .pth
+        torch.load(path, map_location="cpu", weights_only=True)
+    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    log = second.stdout + second.stderr
+    assert "resuming from" in log
+    steps = sorted(int(p.split("_step_")[1][:5]) for p in glob.glob(str(run_dir / "model_epoch_*_step_*.pth")))
+    assert steps[-1] == 8  # 4 epochs x 2 steps: it finished
+    ckpt = torch.load(run_dir / "gdino_model_latest.pth", map_location="cpu", weights_only=True)
+    assert ckpt["format"] == "groundlab" and ckpt["global_step"] == 8 and ckpt["model_config"]["hidden_dim"] == 32
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(compose, tmp_path, monkeypatch):
+    from groundlab.models.gdino import criterion as criterion_module
+
+    original = criterion_module.SetCriterion.weighted_total
+    calls = {"n": 0}
+
+    def poisoned(self, losses):
+        calls["n"] += 1
+        total = original(self, losses)
+        return total * float("nan") if calls["n"] >= 4 else total
+
+    monkeypatch.setattr(criterion_module.SetCriterion, "weighted_total", poisoned)
+    cfg = compose(TRAIN + ["train.num_epochs=3", "train.checkpoint_interval=1", "train.checkpoint_interval_unit=step"],
+                  results_dir=str(tmp_path))
+    with pytest.raises(FloatingPointError, match=r"global step 3"):
+        run_action(cfg)
+    good = torch.load(tmp_path / "gdino_model_latest.pth", map_location="cpu", weights_only=True)
+    assert good["global_step"] == 3
+    assert all(torch.isfinite(v).all() for v in good["state_dict"].values() if v.is_floating_point())
+
+
+def test_validation_images_missing_fail_before_training(compose, tmp_path):
+    cfg = compose(TRAIN)
+    from groundlab.data.sources import synthetic_paths
+
+    p = synthetic_paths(cfg.dataset, cfg.cache_dir)
+    gt = json.loads(open(p.val_coco).read())
+    gt["images"][0]["file_name"] = "not_there.jpg"
+    (tmp_path / "val.json").write_text(json.dumps(gt))
+    cfg = compose(TRAIN + ["dataset.type=odvg",
+                           f"dataset.train_data_sources=[{{image_dir: {p.train_images}, json_file: {p.train_odvg}, label_map: {p.label_map}}}]",
+                           f"dataset.val_data_sources.image_dir={p.val_images}",
+                           f"dataset.val_data_sources.json_file={tmp_path / 'val.json'}"], results_dir=str(tmp_path / "run"))
+    started = time.perf_counter()
+    with pytest.raises(DataError, match="not_there.jpg"):
+        run_action(cfg)
+    assert not (tmp_path / "run" / "gdino_model_latest.pth").exists()
+    assert time.perf_counter() - started < 60
+
+
+def test_evaluate_reports_original_category_ids(compose, tmp_path):
+    from groundlab.data.sources import synthetic_paths
+    from groundlab.models.gdino.build import build_gdino, save_gdino
+
+    cfg = compose(TRAIN + ["dataset.synthetic.colors=[red,green,blue]", "dataset.synthetic.shapes=[circle]"])
+    p = synthetic_paths(cfg.dataset, cfg.cache_dir)
+    gt = json.loads(open(p.val_coco).read())
+    remap = {1: 1, 2: 5, 3: 90}
+    for c in gt["categories"]:
+        c["id"] = remap[c["id"]]
+    for a in gt["annotations"]:
+        a["category_id"] = remap[a["category_id"]]
+    (tmp_path / "val.json").write_text(json.dumps(gt))
+    built = build_gdino(cfg.model)
+    ckpt = save_gdino(str(tmp_path / "m.pth"), built.model, cfg.model)
+    cfg = compose(TRAIN + ["action=evaluate", "dataset=coco", f"evaluate.checkpoint={ckpt}",
+                           f"dataset.val_data_sources.image_dir={p.val_images}",
+                           f"dataset.val_data_sources.json_file={tmp_path / 'val.json'}"], results_dir=str(tmp_path / "ev"))
+    metrics = run_action(cfg)
+    assert 0.0 <= metrics["mAP50"] <= 1.0
+    results = json.loads((tmp_path / "ev" / "evaluate" / "results.json").read_text())["metrics"]
+    assert set(results["per_class_AP_by_id"]) == {"1", "5", "90"}
+    assert set(results["per_class_AP"]) == {"red circle", "green circle", "blue circle"}
+    detections = json.loads((tmp_path / "ev" / "evaluate" / "detections.json").read_text())
+    assert detections and {d["category_id"] for d in detections} <= {1, 5, 90}
+
+
+def test_two_trial_optuna_sweep(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    cmd = [sys.executable, str(REPO / "run.py"), "-m", "sweep=gdino_optuna", *TRAIN[1:], "hydra.sweeper.n_trials=2",
+           "train.num_epochs=1", f"hydra.sweep.dir={sweep_dir}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = list(__import__("csv").DictReader(open(sweep_dir / "sweep_results.csv")))
+    assert len(rows) == 2 and all(r["status"] == "ok" for r in rows)
+    assert all(0.0 <= float(r["value"]) <= 1.0 for r in rows)
+    assert {r["overrides"].count("train.optim.lr=") for r in rows} == {1}  # each trial drew its own lr
+    assert "best: trial" in proc.stdout
+    for r in rows:  # each trial has its own dir and resolved config
+        assert os.path.isfile(os.path.join(r["dir"], "resolved_config.yaml"))
+    assert (sweep_dir / "optimization_results.yaml").exists()
