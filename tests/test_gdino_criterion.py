@@ -196,7 +196,8 @@ def test_build_criterion_reads_config():
                           {"aux_loss": False, "interm_loss_coef": 0.5, "set_cost_bbox": 3.0,
                            "loss_types": ["labels", "boxes", "masks"]})
     crit = build_criterion(cfg)
-    assert crit.weight_dict == {"loss_ce": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+    assert crit.weight_dict == {"loss_ce": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0,
+                                "loss_ce_dn": 2.0, "loss_bbox_dn": 5.0, "loss_giou_dn": 2.0}  # denoising weighs the same
     assert crit.matcher.cost_bbox == 3.0 and crit.interm_loss_coef == 0.5 and crit.losses == ("labels", "boxes")
     gen = torch.Generator().manual_seed(5)
     losses = crit(random_outputs(gen, 1, 4, token_mask(1, 8), n_aux=2), make_targets(gen, [1], 8))

@@ -34,7 +34,7 @@ def run(cfg: DictConfig) -> Dict[str, float]:
         raise ConfigError("action=evaluate here evaluates Grounding DINO; MAL's evaluation comes with model=mal.")
     if not ev.checkpoint:
         raise ConfigError("evaluate.checkpoint is required (a groundlab .pth, an HF directory or an IDEA .pth).")
-    split = "test" if cfg.dataset.test_data_sources is not None and cfg.dataset.type != "synthetic" else "val"
+    split = "test" if cfg.dataset.test_data_sources.json_file and cfg.dataset.type != "synthetic" else "val"
     sources = load_split(cfg.dataset, cfg.cache_dir, split, use_masks=False)
     if not sources or not len(sources[0].records):
         raise ConfigError(f"dataset.{split}_data_sources holds no images to evaluate.")

@@ -80,6 +80,8 @@ def run(cfg: DictConfig) -> Dict[str, float]:
         log.info("resuming from %s", resume)
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    if not module.last_metrics:  # nothing left to train (a finished run resumed): still report its metrics
+        trainer.validate(module, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     metrics.update(module.last_metrics)
     metrics["train_time_s"] = time.perf_counter() - start

@@ -70,8 +70,9 @@ class DatasetConfig:
 
     type: str = "odvg"
     train_data_sources: List[DataSource] = field(default_factory=list)
-    val_data_sources: Optional[DataSource] = None
-    test_data_sources: Optional[DataSource] = None
+    # empty json_file = none (a node rather than null, so `dataset.val_data_sources.json_file=...` always works)
+    val_data_sources: DataSource = field(default_factory=DataSource)
+    test_data_sources: DataSource = field(default_factory=DataSource)
     infer_data_sources: InferDataSources = field(default_factory=InferDataSources)
     max_labels: int = 80
     batch_size: int = 4

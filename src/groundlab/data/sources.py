@@ -37,8 +37,12 @@ def resolve_sources(dataset: DictConfig, cache_dir: str) -> Dict[str, Any]:
         return {"train": [{"image_dir": p.train_images, "json_file": p.train_odvg, "label_map": p.label_map}],
                 "val": val, "test": val}
     container = OmegaConf.to_container(dataset, resolve=True)
+
+    def given(source):
+        return source if source and source.get("json_file") else None
+
     return {"train": list(container.get("train_data_sources") or []),
-            "val": container.get("val_data_sources"), "test": container.get("test_data_sources")}
+            "val": given(container.get("val_data_sources")), "test": given(container.get("test_data_sources"))}
 
 
 def load_source(source: Dict[str, Any], key: str, cache_dir: str, skip_missing: bool = False,
