@@ -104,8 +104,11 @@ def test_module_paths_agree_and_auto_picks_grid_sample_when_tracing():
     for impl in ("grid_sample", "gather", "auto"):
         attn.impl = impl
         outs[impl] = attn(query, ref, value, shapes)
+        with torch.no_grad():
+            outs[impl + "_inference"] = attn(query, ref, value, shapes)
     assert torch.allclose(outs["grid_sample"], outs["gather"], atol=1e-5)
-    assert torch.equal(outs["auto"], outs["gather"])  # CPU, not exporting
+    assert torch.equal(outs["auto_inference"], outs["gather_inference"])  # CPU inference: gather
+    assert torch.equal(outs["auto"], outs["grid_sample"])  # training: grid_sample (faster backward)
     attn.impl = "auto"
 
     class Wrap(torch.nn.Module):
