@@ -26,7 +26,7 @@ def main() -> None:
     args = parser.parse_args()
     run_dir = tempfile.mkdtemp(prefix="learn_synthetic_")
     cmd = [sys.executable, os.path.join(REPO, "run.py"), "experiment=quickstart", f"hydra.run.dir={run_dir}",
-           f"train.max_time_minutes={args.minutes}", "train.num_epochs=1000", *args.overrides]
+           f"train.max_time_minutes={args.minutes}", *args.overrides]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - start

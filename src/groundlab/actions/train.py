@@ -79,7 +79,7 @@ def run(cfg: DictConfig) -> Dict[str, float]:
     if resume:
         log.info("resuming from %s", resume)
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
     if not module.last_metrics:  # nothing left to train (a finished run resumed): still report its metrics
         trainer.validate(module, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
