@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from PIL import Image, ImageDraw
 
 from groundlab.data.build import build_grounding_dataset
+from groundlab.models.common.box_ops import box_cxcywh_to_xyxy
 from groundlab.data.grounding_dataset import sample_prompt_text
 
 log = logging.getLogger(__name__)
@@ -23,17 +24,10 @@ PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 13
 def to_pixels(image, target, mean, std) -> tuple:
     """Undo Normalize: (H, W, 3) uint8 image and (N, 4) xyxy pixel boxes."""
     h, w = image.shape[-2:]
-    img = image * torch_tensor(std)[:, None, None] + torch_tensor(mean)[:, None, None]
-    img = (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    b = target["boxes"].numpy() * np.array([w, h, w, h])
-    xyxy = np.stack([b[:, 0] - b[:, 2] / 2, b[:, 1] - b[:, 3] / 2, b[:, 0] + b[:, 2] / 2, b[:, 1] + b[:, 3] / 2], 1)
+    img = image.numpy().transpose(1, 2, 0) * np.asarray(std) + np.asarray(mean)
+    img = (img.clip(0, 1) * 255).round().astype(np.uint8)
+    xyxy = box_cxcywh_to_xyxy(target["boxes"]).numpy() * np.array([w, h, w, h])
     return img, xyxy
-
-
-def torch_tensor(values):
-    import torch
-
-    return torch.tensor(list(values), dtype=torch.float32)
 
 
 def draw_sample(img: np.ndarray, boxes: np.ndarray, names, masks=None, caption: str = "", width: int = 2) -> Image.Image:

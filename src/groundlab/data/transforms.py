@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from groundlab.models.common.box_ops import box_xyxy_to_cxcywh
+
 Target = Dict[str, torch.Tensor]
 PER_BOX_KEYS = ("boxes", "masks", "labels", "phrase_ids", "iscrowd", "areas")
 
@@ -152,9 +154,7 @@ class Normalize:
         h, w = image.shape[-2:]
         image = (image - self.mean) / self.std
         target = dict(target)
-        b = target["boxes"]
-        cxcywh = torch.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2, b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], 1)
-        target["boxes"] = cxcywh / torch.tensor([w, h, w, h], dtype=torch.float32)
+        target["boxes"] = box_xyxy_to_cxcywh(target["boxes"]) / torch.tensor([w, h, w, h], dtype=torch.float32)
         target["size"] = torch.tensor([h, w])
         return image, target
 
