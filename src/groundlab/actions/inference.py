@@ -151,6 +151,8 @@ def run(cfg: DictConfig) -> Dict[str, float]:
             images_json.append({"id": image_id, "file_name": name, "height": h, "width": w,
                                 "source": sources[source].path})
             rel = _safe_relative(name)
+            if len(sources) > 1:  # same names in two folders/archives must not overwrite each other's outputs
+                rel = os.path.join(f"{source}_{_safe_relative(os.path.basename(sources[source].path.rstrip('/')))}", rel)
             write_kitti(os.path.join(out_dir, "labels", os.path.splitext(rel)[0] + ".txt"), result, names,
                         inf.conf_threshold)
             coco.add(image_id, result)

@@ -48,6 +48,9 @@ class GroundingDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self):
+        # Lightning builds the first loader before on_train_epoch_start; a resumed run must start its workers
+        # with the resumed epoch's augmentation and negatives, not epoch 0's
+        self.train_set.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
         return self._loader(self.train_set, shuffle=True)
 
     def val_dataloader(self):

@@ -156,5 +156,5 @@ class GDinoLightning(L.LightningModule):
             "model_config": OmegaConf.to_container(self.cfg.model, resolve=True),
             "class_names": list(self.dm.class_names) if self.dm is not None and self.dm.class_names else None,
             "text_config": self.model.bert.config.to_dict(), "state_dict_prefix": "model.",
-            "meta": {"epoch": self.current_epoch, "global_step": self.global_step},
+            "meta": {"current_epoch": self.current_epoch, "global_step": self.global_step},  # 0-based epoch
         })

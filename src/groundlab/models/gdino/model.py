@@ -161,6 +161,10 @@ class GroundingDINO(nn.Module):
                                    self.cfg.dn_box_noise_scale, self.transformer.num_queries, self.label_enc)
         out = self.transformer(srcs, masks, pos, text["text"], text["text_token_mask"],
                                text["text_self_attention_mask"], text["position_ids"], dn[:3] if dn else None)
+        if dn is None and self.training and self.dn_number > 0:
+            # a batch with no box to denoise: keep label_enc in the graph (zero gradient) so DDP's reducer, which
+            # expects every parameter each step, does not fail
+            out["hidden"][-1] = out["hidden"][-1] + 0.0 * self.label_enc.weight.sum()
         token_mask = text["text_token_mask"]
         logits: List[torch.Tensor] = []
         boxes: List[torch.Tensor] = []
