@@ -55,10 +55,11 @@ def run(cfg: DictConfig) -> Dict[str, float]:
     texts = []
     with torch.no_grad():
         for prompt in chunked.prompts:  # each prompt's text encoded once for the whole run
-            t = {k: v.to(device) for k, v in encoder.encode([prompt]).items() if torch.is_tensor(v)}
+            tok = encoder.encode([prompt])
+            t = {k: v.to(device) for k, v in tok.items() if torch.is_tensor(v)}
             texts.append((model.encode_text(t["input_ids"], t["attention_mask"], t["token_type_ids"],
                                             t["position_ids"], t["text_self_attention_mask"]),
-                          encoder.encode([prompt])["positive_maps"][0].to(device)))
+                          tok["positive_maps"][0].to(device)))
         detections = []
         for batch in tqdm(loader, desc="evaluate", unit="batch"):
             images, padding = batch["images"].to(device), batch["padding_mask"].to(device)

@@ -5,7 +5,6 @@ dir's latest checkpoint (or train.resume_training_checkpoint_path)."""
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Dict
 

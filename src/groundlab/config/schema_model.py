@@ -7,7 +7,7 @@ stored in every checkpoint, so evaluate/inference/export never ask the user to r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional
 
 
 @dataclass

@@ -8,13 +8,13 @@ as torch tensors or numpy arrays (see models.gdino.postprocess), sorted or not.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageColor, ImageDraw
+
+from groundlab.atomic_write import atomic_write_text
 
 # Distinct, saturated colours for boxes of classes that the color map does not name (by label).
 PALETTE = ["#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6",
@@ -66,29 +66,11 @@ def kitti_lines(result: Mapping[str, object], class_names: Sequence[str], conf_t
     return lines
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    """Write via a temp file in the same folder + os.replace, so readers never see a partial file
-    (an interrupted run leaves the old file or none, never half a json)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def write_kitti(path: str, result: Mapping[str, object], class_names: Sequence[str],
                 conf_threshold: float = 0.0) -> None:
     """KITTI label file of one image (empty file when nothing is detected); parent folders are made."""
     lines = kitti_lines(result, class_names, conf_threshold)
-    _atomic_write_text(path, "".join(line + "\n" for line in lines))
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
 def coco_results(image_id: int, result: Mapping[str, object], category_ids: Optional[Sequence[int]] = None,
@@ -135,7 +117,7 @@ class CocoResultsWriter:
         return len(self.results)
 
     def write(self) -> str:
-        _atomic_write_text(self.path, json.dumps(self.results))
+        atomic_write_text(self.path, json.dumps(self.results))
         return self.path
 
 

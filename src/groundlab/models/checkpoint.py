@@ -8,12 +8,12 @@ training; extra: e.g. "text_config", the BERT config, so no hub access is needed
 
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Any, Dict, List, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+
+from groundlab.atomic_write import atomic_write
 
 FORMAT = "groundlab"
 VERSION = 1
@@ -34,18 +34,7 @@ def save_checkpoint(path: str, model: torch.nn.Module, model_config: Any, class_
         "class_names": list(class_names) if class_names is not None else None, "meta": dict(meta or {}),
         **(extra or {}),
     }
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def is_groundlab_checkpoint(obj: Any) -> bool:

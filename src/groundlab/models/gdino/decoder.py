@@ -4,7 +4,7 @@ cross-attention into the image memory, FFN; boxes refined layer by layer (IDEA-R
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
