@@ -42,8 +42,10 @@ def _interval(value: int, unit: str) -> Dict[str, object]:
 
 
 def run(cfg: DictConfig) -> Dict[str, float]:
-    if cfg.model.name not in ("gdino", "mask_gdino"):
-        raise ConfigError(f"action=train here trains Grounding DINO; model={cfg.model.name} comes with its own issue.")
+    if cfg.model.name == "mal":
+        from groundlab.actions.mal_train import run as run_mal
+
+        return run_mal(cfg)
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 

@@ -69,34 +69,51 @@ class GDinoTrainConfig:
 
 @dataclass
 class MALTrainConfig:
+    """TAO `mal` train keys; the lr is per image and per device (scaled by devices x batch_size)."""
+
     num_epochs: int = 10
     num_gpus: int = 1
     gpu_ids: List[int] = field(default_factory=lambda: [0])
     num_nodes: int = 1
+    distributed_strategy: str = "ddp"
     save_every_k_epoch: int = 1
     val_interval: int = 1
     batch_size: int = 3
-    use_amp: bool = True
+    accum_grad_batches: int = 1
+    use_amp: bool = True  # TAO: fp16 autocast on a GPU; train.precision overrides it when not fp32
     precision: str = "fp32"
+    max_time_minutes: Optional[float] = None
+    clip_grad_norm: float = 0.0
+    pretrained_model_path: Optional[str] = None
+    resume_training_checkpoint_path: Optional[str] = None
+    activation_checkpoint: bool = False
+    # optimizer and schedule
     optim_type: str = "adamw"
     optim_momentum: float = 0.9
-    lr: float = 1.5e-6
+    lr: float = 1e-6
     min_lr: float = 0.0
     min_lr_rate: float = 0.2
+    num_wave: float = 1.0
     wd: float = 0.0005
-    warmup_epochs: int = 1
-    crf_kernel_size: int = 3
-    crf_num_iter: int = 100
-    loss_mil_weight: float = 4.0
-    loss_crf_weight: float = 0.5
-    loss_mil_step: List[int] = field(default_factory=lambda: [0, 0])
-    loss_crf_step: List[int] = field(default_factory=lambda: [0, 0])
+    optim_eps: float = 1e-8
+    optim_betas: List[float] = field(default_factory=lambda: [0.9, 0.9])
+    warmup_epochs: float = 1.0
+    # crops
     margin_rate: List[float] = field(default_factory=lambda: [0.0, 1.2])
     test_margin_rate: List[float] = field(default_factory=lambda: [0.6, 0.6])
     mask_thres: List[float] = field(default_factory=lambda: [0.1])
-    accum_grad_batches: int = 1
-    pretrained_model_path: Optional[str] = None
-    resume_training_checkpoint_path: Optional[str] = None
+    # losses
+    loss_mil_weight: float = 4.0
+    loss_crf_weight: float = 0.5
+    loss_mil_step: int = 1000
+    loss_crf_step: int = 4000
+    # mean-field CRF
+    crf_zeta: float = 0.1
+    crf_kernel_size: int = 3
+    crf_num_iter: int = 100
+    crf_size_ratio: int = 1
+    crf_value_high_thres: float = 0.9
+    crf_value_low_thres: float = 0.1
 
 
 @dataclass
@@ -111,10 +128,12 @@ class GDinoEvaluateConfig:
 @dataclass
 class MALEvaluateConfig:
     checkpoint: Optional[str] = None
+    batch_size: int = 3
     num_gpus: int = 1
     gpu_ids: List[int] = field(default_factory=lambda: [0])
     use_mixed_model_test: bool = False
     use_teacher_test: bool = False
+    use_flip_test: bool = False
 
 
 @dataclass
@@ -136,6 +155,11 @@ class MALInferenceConfig:
     ann_path: str = ""
     img_dir: str = ""
     label_dump_path: str = ""
-    load_mask: bool = False
+    load_mask: bool = False  # keep masks the input json already has instead of predicting them
+    batch_size: int = 3
+    use_mixed_model_test: bool = False
+    use_teacher_test: bool = False
+    use_flip_test: bool = False
+    draw_images: int = 20  # annotated images written next to the json (0: none, -1: all)
     num_gpus: int = 1
     gpu_ids: List[int] = field(default_factory=lambda: [0])

@@ -98,8 +98,6 @@ class MALDatasetConfig:
     max_obj_size: float = 1e10
     load_mask: bool = True
     num_workers_per_gpu: int = 2
-    train_batch_size: int = 3
-    val_batch_size: int = 1
     skip_missing_images: bool = False
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 

@@ -75,7 +75,6 @@ class MALModelConfig:
 
     name: str = "mal"
     arch: str = "vit-mae-base/16"
-    pretrained_path: Optional[str] = None
     frozen_stages: List[int] = field(default_factory=lambda: [-1])
     mask_head_num_convs: int = 4
     mask_head_hidden_channel: int = 256
@@ -85,6 +84,8 @@ class MALModelConfig:
     mask_scale_ratio_pre: int = 1
     mask_scale_ratio: float = 2.0
     vit_dpr: float = 0.0
+    pretrained_path: Optional[str] = None  # MAE weights: transformers dir or the official .pth
+    vit_overrides: Any = None  # transformers ViTConfig fields over the model.arch preset
 
 
 MODEL_NAMES = ("gdino", "mask_gdino", "mal")

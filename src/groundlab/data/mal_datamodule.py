@@ -1,0 +1,89 @@
+"""MAL's data module: box crops of the training json (boxes only are enough) and of the validation json
+(true masks required, to score), read and checked before training starts."""
+
+from __future__ import annotations
+
+import os
+from typing import Dict
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+
+from groundlab.data.errors import DataError
+from groundlab.data.image_source import ImageSourceError, open_image_source
+from groundlab.data.mal_dataset import MALCropDataset, collate_crops
+from groundlab.data.mal_instances import read_mal_instances
+from groundlab.data.sources import synthetic_paths
+
+
+def mal_paths(cfg: DictConfig) -> Dict[str, str]:
+    """{"train_ann", "train_img", "val_ann", "val_img"} of dataset=mal_coco, or of the generated synthetic
+    dataset (box-only train json, val json with masks) for dataset=mal_synthetic."""
+    d = cfg.dataset
+    if d.type == "mal_synthetic":
+        p = synthetic_paths(d, cfg.cache_dir)
+        return {"train_ann": p.train_coco_boxes, "train_img": p.train_images, "val_ann": p.val_coco,
+                "val_img": p.val_images}
+    return {"train_ann": d.train_ann_path, "train_img": d.train_img_dir, "val_ann": d.val_ann_path,
+            "val_img": d.val_img_dir}
+
+
+def open_source(path: str, key: str, cache_dir: str):
+    if not path:
+        raise DataError(f"{key} is empty: give the image folder or .tar/.tar.gz")
+    try:
+        return open_image_source(os.path.expanduser(path), os.path.join(cache_dir, "archives"))
+    except ImageSourceError as e:
+        raise DataError(f"{key}: {e}") from None
+
+
+def read_split(cfg: DictConfig, ann: str, img: str, key: str, train: bool) -> tuple:
+    """(MALInstances, image source) of one split; training applies min/max_obj_size, evaluation needs masks."""
+    d = cfg.dataset
+    if not ann:
+        raise DataError(f"dataset.{key}_ann_path is empty")
+    source = open_source(img, f"dataset.{key}_img_dir", cfg.cache_dir)
+    if train:
+        inst = read_mal_instances(ann, source, d.min_obj_size, d.max_obj_size, skip_missing=d.skip_missing_images)
+    else:
+        inst = read_mal_instances(ann, source, need_masks=True, skip_missing=d.skip_missing_images)
+    if len(inst.instances) == 0:
+        raise DataError(f"no usable box in dataset.{key}_ann_path ({inst.summary()})", ann)
+    return inst, source
+
+
+class MALDataModule(L.LightningDataModule):
+    """After `prepare()`: train_data, val_data (MALInstances), train_set, val_set (MALCropDataset)."""
+
+    def __init__(self, cfg: DictConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.train_data = self.val_data = self.train_set = self.val_set = None
+
+    def prepare(self) -> "MALDataModule":
+        c, t = self.cfg, self.cfg.train
+        paths = mal_paths(c)
+        self.train_data, train_src = read_split(c, paths["train_ann"], paths["train_img"], "train", train=True)
+        self.val_data, val_src = read_split(c, paths["val_ann"], paths["val_img"], "val", train=False)
+        if self.val_data.class_names != self.train_data.class_names:
+            raise DataError(f"the val json's categories {self.val_data.class_names} differ from the train json's "
+                            f"{self.train_data.class_names}", paths["val_ann"])
+        self.train_set = MALCropDataset(self.train_data, train_src, c.dataset.crop_size, True, t.margin_rate,
+                                        t.test_margin_rate, seed=c.seed)
+        self.val_set = MALCropDataset(self.val_data, val_src, c.dataset.crop_size, False, t.margin_rate,
+                                      t.test_margin_rate, with_gt=True)
+        return self
+
+    def _loader(self, dataset, batch_size: int, shuffle: bool) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
+                                           num_workers=self.cfg.dataset.num_workers_per_gpu,
+                                           collate_fn=collate_crops, drop_last=False, persistent_workers=False)
+
+    def train_dataloader(self):
+        self.train_set.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
+        return self._loader(self.train_set, self.cfg.train.batch_size, shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader(self.val_set, self.cfg.evaluate.batch_size, shuffle=False)
+

@@ -1,0 +1,95 @@
+"""MAL crop dataset: one sample per box (see mal_instances), as the two views MAL trains on.
+
+Sample keys (tensors): student (3, S, S) normalised (strongly augmented in training), teacher (3, S, S)
+normalised clean view, box_mask (1, S, S) 0/1, area () box area in original pixels, label () class
+index, index () instance index, ext (4,) int crop box [x1, y1, x2, y2] in image pixels (may leave the
+image), box (4,) float, size (2,) image (height, width). With ground truth (evaluation): gt_crop (h', w')
+uint8, the true mask inside the crop box clipped to the image, and gt_area () its full-image area."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from groundlab.data.image_decode import decode_rgb
+from groundlab.data.image_source import ImageSource
+from groundlab.data.mal_augment import StudentAugment
+from groundlab.data.mal_crops import box_mask_in_crop, crop_resized, expand_box, random_margins, test_margins
+from groundlab.data.mal_instances import MALInstances
+from groundlab.data.masks import decode_segmentation
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # MAE was pretrained with these
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def to_tensor(crop: np.ndarray) -> torch.Tensor:
+    """(S, S, 3) uint8 -> (3, S, S) float normalised."""
+    x = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).float().div_(255)
+    mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(IMAGENET_STD)[:, None, None]
+    return (x - mean) / std
+
+
+class MALCropDataset(Dataset):
+    """train=True: random margins, student augmentation, horizontal flips (both views), seeded by
+    (seed, epoch, index) so a resumed epoch replays. train=False: fixed test margins, clean views."""
+
+    def __init__(self, instances: MALInstances, source: ImageSource, crop_size: int, train: bool,
+                 margin_rate: Sequence[float], test_margin_rate: Sequence[float], seed: int = 0,
+                 with_gt: bool = False):
+        self.data, self.source, self.size, self.train = instances, source, int(crop_size), train
+        self.margin_rate, self.test_margin_rate = list(margin_rate), list(test_margin_rate)
+        self.seed, self.epoch, self.with_gt = seed, 0, with_gt
+        self.augment = StudentAugment()
+        self._cached: Optional[tuple] = None  # (file_name, image): boxes of one image come in a row when evaluating
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.data.instances)
+
+    def _image(self, name: str) -> np.ndarray:
+        if self._cached is None or self._cached[0] != name:
+            self._cached = (name, decode_rgb(self.source.read(name), name))
+        return self._cached[1]
+
+    def __getitem__(self, i: int) -> Dict[str, Any]:
+        rec = self.data.instances[i]
+        image = self._image(rec["file_name"])
+        h, w = image.shape[:2]
+        if (h, w) != (rec["height"], rec["width"]):
+            raise ValueError(f"{self.data.json_file}: image {rec['file_name']!r} is {w}x{h}, the json says "
+                             f"{rec['width']}x{rec['height']}")
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        margins = random_margins(rng, self.margin_rate) if self.train else test_margins(self.test_margin_rate)
+        ext = expand_box(rec["box"], margins)
+        teacher = crop_resized(image, ext, self.size)
+        box_mask = box_mask_in_crop(rec["box"], ext, self.size)
+        student = self.augment(teacher, rng) if self.train else teacher
+        if self.train and rng.random() < 0.5:
+            teacher, student, box_mask = teacher[:, ::-1], student[:, ::-1], box_mask[:, ::-1]
+        out = {"student": to_tensor(student), "teacher": to_tensor(teacher),
+               "box_mask": torch.from_numpy(np.ascontiguousarray(box_mask))[None],
+               "area": torch.tensor(rec["area"], dtype=torch.float32), "label": torch.tensor(rec["label"]),
+               "index": torch.tensor(i), "ext": torch.tensor(ext, dtype=torch.int64),
+               "box": torch.tensor(rec["box"], dtype=torch.float32), "size": torch.tensor([h, w])}
+        if self.with_gt:
+            where = f"{self.data.json_file}: annotation id {rec['ann_id']}"
+            gt = decode_segmentation(rec["segmentation"], h, w, where)
+            x1, y1, x2, y2 = ext
+            out["gt_crop"] = torch.from_numpy(gt[max(y1, 0):min(y2, h), max(x1, 0):min(x2, w)].astype(np.uint8))
+            out["gt_area"] = torch.tensor(float(gt.sum()))
+        return out
+
+
+def collate_crops(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Stack every fixed-size field; gt_crop (one size per box) stays a list."""
+    out: Dict[str, Any] = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        out[key] = values if key == "gt_crop" else torch.stack(values)
+    return out
