@@ -36,5 +36,7 @@ def monitored(cfg: DictConfig, metrics: Dict[str, float]) -> Optional[float]:
     if cfg.monitor is None:
         return None
     if cfg.monitor not in metrics:
+        if cfg.action.name != "train":  # experiments set the training monitor; evaluate/inference report others
+            return None
         raise ConfigError(f"monitor={cfg.monitor!r} is not among the action's metrics {sorted(metrics)}.")
     return float(metrics[cfg.monitor])

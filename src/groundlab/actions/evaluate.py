@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig) -> Dict[str, float]:
     ev = cfg.evaluate
     if cfg.model.name == "mal":
-        raise ConfigError("action=evaluate here evaluates Grounding DINO; MAL's evaluation comes with model=mal.")
+        from groundlab.actions.mal_evaluate import run as run_mal
+
+        return run_mal(cfg)
     if not ev.checkpoint:
         raise ConfigError("evaluate.checkpoint is required (a groundlab .pth, an HF directory or an IDEA .pth).")
     split = "test" if cfg.dataset.test_data_sources.json_file and cfg.dataset.type != "synthetic" else "val"

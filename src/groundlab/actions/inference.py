@@ -112,7 +112,9 @@ def _safe_relative(name: str) -> str:
 def run(cfg: DictConfig) -> Dict[str, float]:
     inf = cfg.inference
     if cfg.model.name == "mal":
-        raise ConfigError("action=inference runs Grounding DINO checkpoints here; MAL's inference comes with model=mal.")
+        from groundlab.actions.mal_inference import run as run_mal
+
+        return run_mal(cfg)
     if not inf.checkpoint:
         raise ConfigError("inference.checkpoint is required: a groundlab .pth, an HF Grounding DINO directory "
                           "or an IDEA-Research .pth.")

@@ -27,7 +27,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def to_tensor(crop: np.ndarray) -> torch.Tensor:
     """(S, S, 3) uint8 -> (3, S, S) float normalised."""
-    x = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).float().div_(255)
+    x = torch.from_numpy(np.array(crop, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().div_(255)
     mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
     std = torch.tensor(IMAGENET_STD)[:, None, None]
     return (x - mean) / std

@@ -22,10 +22,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class MALInstances:
-    """instances: RecordIndex of dicts with keys file_name, image_id, height, width, ann_id, box
+    """instances: RecordIndex of dicts with keys file_name, image_id, height, width, ann_id, ann_index
+    (position in the json's annotations), box
     ([x1, y1, x2, y2] clamped into the image), area (the box's, original pixels), label (contiguous
     class index), category_id, segmentation (COCO polygons/RLE or None).
-    skipped: [{"ann_id", "image_id", "reason"}]. data: the parsed json (inference writes it back)."""
+    skipped: [{"ann_id", "ann_index", "image_id", "reason"}]. data: the parsed json (inference writes it back)."""
 
     json_file: str
     instances: RecordIndex
@@ -63,7 +64,7 @@ def read_mal_instances(json_file: str, source: Optional[ImageSource] = None, min
     out = MALInstances(json_file, RecordIndex.build([]), [str(c.get("name", c["id"])) for c in cats], category_ids)
     present: Dict[Any, bool] = {}
     records: List[Dict[str, Any]] = []
-    for ann in data.get("annotations", []):
+    for ann_index, ann in enumerate(data.get("annotations", [])):
         where = f"{json_file}: annotation id {ann.get('id')}"
         img = images.get(ann.get("image_id"))
         if img is None:
@@ -72,7 +73,8 @@ def read_mal_instances(json_file: str, source: Optional[ImageSource] = None, min
             raise DataError(f"category_id {ann.get('category_id')!r} is not in 'categories'", where)
 
         def skip(reason: str) -> None:
-            out.skipped.append({"ann_id": ann.get("id"), "image_id": ann.get("image_id"), "reason": reason})
+            out.skipped.append({"ann_id": ann.get("id"), "ann_index": ann_index, "image_id": ann.get("image_id"),
+                                "reason": reason})
 
         if source is not None:
             if img["id"] not in present:
@@ -116,7 +118,7 @@ def read_mal_instances(json_file: str, source: Optional[ImageSource] = None, min
             raise DataError("evaluating MAL needs a 'segmentation' on every box (this json has boxes only); "
                             "evaluate on a COCO json with masks", where)
         records.append({"file_name": img["file_name"], "image_id": img["id"], "height": int(ih), "width": int(iw),
-                        "ann_id": ann.get("id"), "box": clamped, "area": float(area),
+                        "ann_id": ann.get("id"), "ann_index": ann_index, "box": clamped, "area": float(area),
                         "label": cat_to_idx[ann["category_id"]], "category_id": int(ann["category_id"]),
                         "segmentation": seg})
     out.instances = RecordIndex.build(records)

@@ -1,0 +1,71 @@
+"""action=evaluate for MAL (model=mal): mask mIoU of a MAL checkpoint on a COCO json with true masks
+(dataset.val_ann_path / val_img_dir, or the synthetic val split). Each box is cropped with the test
+margins, its mask predicted (student, teacher or both, optionally with flip test), pasted back into the
+image and scored against the true mask. Writes <results_dir>/evaluate/results.json: mIoU, mIoU
+small/medium/large, per-class mIoU by name and by category id."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Dict
+
+import torch
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from groundlab.config import ConfigError
+from groundlab.data.mal_datamodule import mal_paths, read_split
+from groundlab.data.mal_dataset import MALCropDataset, collate_crops
+from groundlab.eval.coco_eval import write_results_json
+from groundlab.eval.mask_miou import MaskIoUMeter
+from groundlab.models.mal.build import load_mal_network
+from groundlab.models.mal.postprocess import MALPostProcessor
+from groundlab.models.mal.predictor import MALPredictor, score_batch
+
+log = logging.getLogger(__name__)
+
+
+def load_predictor(checkpoint: str, options: DictConfig, device: torch.device) -> tuple:
+    """(MALPredictor on `device`, checkpoint dict) honouring use_teacher_test / use_mixed_model_test / use_flip_test."""
+    try:
+        student, ckpt = load_mal_network(checkpoint, "student")
+        teacher = None
+        if options.use_teacher_test or options.use_mixed_model_test:
+            teacher, _ = load_mal_network(checkpoint, "teacher")
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"evaluate/inference checkpoint {checkpoint!r}: {e}") from None
+    predictor = MALPredictor(student.to(device), teacher.to(device) if teacher is not None else None,
+                             options.use_teacher_test, options.use_mixed_model_test, options.use_flip_test)
+    return predictor.eval(), ckpt
+
+
+def run(cfg: DictConfig) -> Dict[str, float]:
+    ev = cfg.evaluate
+    if not ev.checkpoint:
+        raise ConfigError("evaluate.checkpoint is required (a groundlab MAL checkpoint).")
+    device = torch.device("cuda" if torch.cuda.is_available() and ev.num_gpus > 0 else "cpu")
+    predictor, ckpt = load_predictor(ev.checkpoint, ev, device)
+    paths = mal_paths(cfg)
+    data, source = read_split(cfg, paths["val_ann"], paths["val_img"], "val", train=False)
+    dataset = MALCropDataset(data, source, cfg.dataset.crop_size, False, cfg.train.margin_rate,
+                             cfg.train.test_margin_rate, with_gt=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=ev.batch_size, collate_fn=collate_crops,
+                                         num_workers=cfg.dataset.num_workers_per_gpu)
+    post = MALPostProcessor(cfg.train.mask_thres)
+    meter = MaskIoUMeter(len(data.class_names))
+    for batch in tqdm(loader, desc="evaluate", unit="batch"):
+        logits = predictor(batch["teacher"].to(device), batch["area"].to(device))
+        score_batch(post(logits, batch["ext"], batch["box"], batch["size"], batch["area"]), batch, meter)
+    result = meter.compute(data.class_names)
+    by_id = {str(data.category_ids[data.class_names.index(name)]): v for name, v in result["per_class"].items()}
+    metrics = {k: v for k, v in result.items() if k != "per_class"}
+    metrics.update(per_class_mIoU=result["per_class"], per_class_mIoU_by_id=by_id)
+    out_dir = os.path.join(cfg.results_dir, "evaluate")
+    os.makedirs(out_dir, exist_ok=True)
+    write_results_json(os.path.join(out_dir, "results.json"), metrics,
+                       {"checkpoint": ev.checkpoint, "annotations": data.json_file, "skipped_boxes": data.skipped,
+                        "mask_thres": list(cfg.train.mask_thres)})
+    log.info("mIoU %s (small %s, medium %s, large %s) over %d boxes; %s", result["mIoU"], result["mIoU_small"],
+             result["mIoU_medium"], result["mIoU_large"], result["num_instances"], data.summary())
+    return {k: float(v) for k, v in metrics.items() if k.startswith("mIoU") and v is not None}

@@ -1,0 +1,106 @@
+"""action=inference for MAL (model=mal): masks for the boxes of a COCO json (inference.ann_path /
+inference.img_dir; by default with dataset=mal_synthetic, its box-only training json).
+
+Writes inference.label_dump_path: the input json with an RLE `segmentation` on every box it could process
+(`area` = the mask's pixel count), so it trains mask_gdino as a COCO dataset with masks. Boxes it could
+not process (zero area, outside the image, image missing) keep their annotation untouched and are listed
+under `mal_skipped` in the json and in the log. With inference.load_mask the json's own masks score the
+predictions (mIoU, and `mal_iou` per annotation). Also writes annotated images (inference.draw_images)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from collections import defaultdict
+from typing import Dict
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from groundlab.actions.mal_evaluate import load_predictor
+from groundlab.atomic_write import atomic_write_text
+from groundlab.config import ConfigError
+from groundlab.data.image_decode import decode_rgb
+from groundlab.data.mal_datamodule import mal_paths, open_source
+from groundlab.data.mal_dataset import MALCropDataset, collate_crops
+from groundlab.data.mal_instances import read_mal_instances
+from groundlab.data.masks import encode_mask
+from groundlab.deploy.mask_overlay import overlay_masks
+from groundlab.eval.mask_miou import MaskIoUMeter
+from groundlab.models.mal.postprocess import MALPostProcessor
+from groundlab.models.mal.predictor import score_batch
+
+log = logging.getLogger(__name__)
+
+
+def _inputs(cfg: DictConfig) -> tuple:
+    inf = cfg.inference
+    if inf.ann_path:
+        if not inf.img_dir:
+            raise ConfigError("inference.img_dir is required with inference.ann_path")
+        return inf.ann_path, inf.img_dir
+    if cfg.dataset.type == "mal_synthetic":
+        paths = mal_paths(cfg)
+        return paths["train_ann"], paths["train_img"]
+    raise ConfigError("inference.ann_path (a COCO json with boxes) and inference.img_dir are required")
+
+
+def run(cfg: DictConfig) -> Dict[str, float]:
+    inf = cfg.inference
+    if not inf.checkpoint:
+        raise ConfigError("inference.checkpoint is required (a groundlab MAL checkpoint).")
+    if not inf.label_dump_path:
+        raise ConfigError("inference.label_dump_path is required: where the json with masks goes.")
+    device = torch.device("cuda" if torch.cuda.is_available() and inf.num_gpus > 0 else "cpu")
+    predictor, _ = load_predictor(inf.checkpoint, inf, device)
+    ann_path, img_dir = _inputs(cfg)
+    source = open_source(img_dir, "inference.img_dir", cfg.cache_dir)
+    data = read_mal_instances(ann_path, source, need_masks=inf.load_mask, skip_missing=True, keep_data=True)
+    dataset = MALCropDataset(data, source, cfg.dataset.crop_size, False, cfg.train.margin_rate,
+                             cfg.train.test_margin_rate, with_gt=inf.load_mask)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=inf.batch_size, collate_fn=collate_crops,
+                                         num_workers=cfg.dataset.num_workers_per_gpu)
+    post = MALPostProcessor(cfg.train.mask_thres)
+    meter = MaskIoUMeter(len(data.class_names))
+    out = copy.deepcopy(data.data)
+    anns = out.get("annotations", [])
+    drawn: Dict[str, list] = defaultdict(list)  # file name -> [(mask, label, box)] for the annotated images
+    limit = inf.draw_images if inf.draw_images >= 0 else float("inf")
+    for batch in tqdm(loader, desc="inference", unit="batch"):
+        logits = predictor(batch["teacher"].to(device), batch["area"].to(device))
+        masks = post(logits, batch["ext"], batch["box"], batch["size"], batch["area"])
+        ious = score_batch(masks, batch, meter) if inf.load_mask else [None] * len(masks)
+        for (region, (x1, y1, x2, y2)), index, iou in zip(masks, batch["index"].tolist(), ious):
+            rec = data.instances[index]
+            full = np.zeros((rec["height"], rec["width"]), dtype=bool)
+            full[y1:y2, x1:x2] = region.numpy()
+            ann = anns[rec["ann_index"]]
+            ann["segmentation"], ann["area"] = encode_mask(full), float(full.sum())
+            if iou is not None:
+                ann["mal_iou"] = iou
+            if rec["file_name"] in drawn or len(drawn) < limit:
+                drawn[rec["file_name"]].append((full, rec["label"], rec["box"]))
+    out["mal_skipped"] = data.skipped
+    path = os.path.abspath(os.path.expanduser(inf.label_dump_path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write_text(path, json.dumps(out))
+    image_dir = os.path.join(cfg.results_dir, "inference", "images")
+    os.makedirs(image_dir, exist_ok=True)
+    for name, items in drawn.items():
+        image = decode_rgb(source.read(name), name)
+        masks, labels, boxes = zip(*items)
+        target = os.path.join(image_dir, os.path.basename(name).rsplit(".", 1)[0] + ".jpg")
+        overlay_masks(image, masks, labels, boxes, data.class_names).save(target, quality=92)
+    for s in data.skipped:
+        log.warning("box not labelled: annotation id %s (image %s): %s", s["ann_id"], s["image_id"], s["reason"])
+    log.info("wrote %s: %d masks, %d boxes left without one (listed under 'mal_skipped'); %d annotated images in %s",
+             path, len(data.instances), len(data.skipped), len(drawn), image_dir)
+    metrics = {"masks_written": float(len(data.instances)), "boxes_skipped": float(len(data.skipped))}
+    if inf.load_mask:
+        result = meter.compute(data.class_names)
+        metrics.update({k: float(v) for k, v in result.items() if k.startswith("mIoU") and v is not None})
+    return metrics
