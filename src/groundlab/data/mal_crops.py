@@ -36,7 +36,7 @@ def random_margins(rng: np.random.Generator, margin_rate: Sequence[float]) -> np
     return rates * np.array([gate[0], gate[1], 1 - gate[0], 1 - gate[1]])
 
 
-def test_margins(test_margin_rate: Sequence[float]) -> np.ndarray:
+def eval_margins(test_margin_rate: Sequence[float]) -> np.ndarray:
     return np.full(4, test_margin_rate[0] * 0.5)
 
 

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from groundlab.data.image_decode import decode_rgb
 from groundlab.data.image_source import ImageSource
 from groundlab.data.mal_augment import StudentAugment
-from groundlab.data.mal_crops import box_mask_in_crop, crop_resized, expand_box, random_margins, test_margins
+from groundlab.data.mal_crops import box_mask_in_crop, crop_resized, expand_box, random_margins, eval_margins
 from groundlab.data.mal_instances import MALInstances
 from groundlab.data.masks import decode_segmentation
 
@@ -65,7 +65,7 @@ class MALCropDataset(Dataset):
             raise ValueError(f"{self.data.json_file}: image {rec['file_name']!r} is {w}x{h}, the json says "
                              f"{rec['width']}x{rec['height']}")
         rng = np.random.default_rng([self.seed, self.epoch, i])
-        margins = random_margins(rng, self.margin_rate) if self.train else test_margins(self.test_margin_rate)
+        margins = random_margins(rng, self.margin_rate) if self.train else eval_margins(self.test_margin_rate)
         ext = expand_box(rec["box"], margins)
         teacher = crop_resized(image, ext, self.size)
         box_mask = box_mask_in_crop(rec["box"], ext, self.size)

@@ -90,8 +90,15 @@ def _read_hf_dir(path: str) -> Dict[str, torch.Tensor]:
 
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         model_type = json.load(f).get("model_type")
+    from transformers.utils import logging as hf_logging
+
     cls = ViTModel if model_type == "vit" else ViTMAEModel
-    return cls.from_pretrained(path).state_dict()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the MAE decoder's weights are unused by design: no table of them
+    try:
+        return cls.from_pretrained(path).state_dict()
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def load_mae_weights(backbone: ViTBackbone, path: str) -> LoadReport:
