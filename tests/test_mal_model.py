@@ -148,3 +148,23 @@ def test_mean_field_fills_the_object_by_colour_and_stays_in_the_box():
     out = MeanFieldCRF(kernel_size=3, zeta=0.5, num_iter=20)(image, prob, box)
     assert torch.equal(out, obj)
     assert out[box == 0].sum() == 0
+
+
+def test_frozen_stages_and_stochastic_depth():
+    from groundlab.models.mal.vit_backbone import DropPath
+
+    net = ViTBackbone("vit-micro/8", 64, drop_path_rate=0.5, overrides=SMALL)
+    net.freeze(1)  # TAO frozen_stages [1]: the patch embedding and block 0
+    frozen = {n for n, p in net.named_parameters() if not p.requires_grad}
+    assert any(n.startswith("vit.embeddings.") for n in frozen) and any(n.startswith("vit.layers.0.") for n in frozen)
+    assert not any(n.startswith("vit.layers.1.") for n in frozen)
+    rates = [layer.dropout.rate for layer in net.vit.layers]
+    assert rates == [0.0, 0.5] and all(isinstance(layer.dropout, DropPath) for layer in net.vit.layers)
+    x = torch.randn(4, 3, 64, 64)
+    net.eval()
+    torch.testing.assert_close(net(x), net(x))  # no randomness at evaluation
+    net.train()
+    torch.manual_seed(0)
+    a = net(x)
+    torch.manual_seed(1)
+    assert not torch.allclose(a, net(x))  # whole branches dropped per sample while training
