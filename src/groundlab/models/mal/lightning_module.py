@@ -57,6 +57,7 @@ class MALLightning(L.LightningModule):
         self.base_lr = cfg.train.lr * devices * cfg.train.batch_size
         self.min_lr = cfg.train.min_lr if cfg.train.min_lr > 0 else self.base_lr * cfg.train.min_lr_rate
         self.meter: Optional[MaskIoUMeter] = None
+        self._ema_step = 0
         self.last_metrics: Dict[str, float] = {}
 
     def train(self, mode: bool = True):
@@ -90,7 +91,11 @@ class MALLightning(L.LightningModule):
 
     @torch.no_grad()
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        """EMA: teacher <- m * teacher + (1 - m) * student, after every optimizer step."""
+        """EMA: teacher <- m * teacher + (1 - m) * student, after every optimizer step (not every batch
+        when gradients accumulate)."""
+        if self.global_step == self._ema_step:
+            return
+        self._ema_step = self.global_step
         for t, s in zip(self.teacher.parameters(), self.student.parameters()):
             t.mul_(self.momentum).add_(s.detach(), alpha=1 - self.momentum)
         for t, s in zip(self.teacher.buffers(), self.student.buffers()):
