@@ -33,7 +33,7 @@ def run(cfg: DictConfig) -> Dict[str, float]:
 
     from groundlab.actions.train import trainer_devices
     from groundlab.data.mal_datamodule import MALDataModule
-    from groundlab.models.gdino.checkpointing import GroundlabCheckpoint, find_resume_checkpoint
+    from groundlab.models.run_checkpoints import GroundlabCheckpoint, find_resume_checkpoint
     from groundlab.models.mal.lightning_module import MALLightning
 
     train, run_dir = cfg.train, cfg.results_dir

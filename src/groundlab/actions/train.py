@@ -50,7 +50,7 @@ def run(cfg: DictConfig) -> Dict[str, float]:
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     from groundlab.data.datamodule import GroundingDataModule
-    from groundlab.models.gdino.checkpointing import GroundlabCheckpoint, find_resume_checkpoint
+    from groundlab.models.run_checkpoints import GroundlabCheckpoint, find_resume_checkpoint
     from groundlab.models.gdino.lightning_module import GDinoLightning
 
     train = cfg.train
