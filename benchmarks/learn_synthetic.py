@@ -8,14 +8,9 @@ the best mAP50 and when the target was first reached. Prints `name: value` lines
 from __future__ import annotations
 
 import argparse
-import csv
 import os
-import subprocess
-import sys
-import tempfile
-import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from experiment_run import run_experiment
 
 
 def main() -> None:
@@ -24,16 +19,7 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.75)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    run_dir = tempfile.mkdtemp(prefix="learn_synthetic_")
-    cmd = [sys.executable, os.path.join(REPO, "run.py"), "experiment=quickstart", f"hydra.run.dir={run_dir}",
-           f"train.max_time_minutes={args.minutes}", *args.overrides]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        print(proc.stderr[-3000:], file=sys.stderr)
-        raise SystemExit(proc.returncode)
-    rows = [r for r in csv.DictReader(open(os.path.join(run_dir, "logs", "metrics.csv"))) if r.get("val_mAP50")]
+    run_dir, wall, rows = run_experiment("quickstart", args.minutes, args.overrides, "val_mAP50")
     created = os.path.getmtime(os.path.join(run_dir, "run_info.json"))
     best, reached = 0.0, None
     for r in rows:

@@ -9,14 +9,10 @@ Prints `name: value` lines.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
-import subprocess
-import sys
 import tempfile
-import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from experiment_run import REPO, run_experiment
 
 
 def box_baseline(overrides) -> dict:
@@ -54,16 +50,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     baseline = box_baseline(args.overrides)
-    run_dir = tempfile.mkdtemp(prefix="mal_synthetic_")
-    cmd = [sys.executable, os.path.join(REPO, "run.py"), "experiment=mal_quickstart", f"hydra.run.dir={run_dir}",
-           f"train.max_time_minutes={args.minutes}", *args.overrides]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        print(proc.stderr[-3000:], file=sys.stderr)
-        raise SystemExit(proc.returncode)
-    rows = [r for r in csv.DictReader(open(os.path.join(run_dir, "logs", "metrics.csv"))) if r.get("val_mIoU")]
+    run_dir, wall, rows = run_experiment("mal_quickstart", args.minutes, args.overrides, "val_mIoU")
     for r in rows:
         print(f"epoch_{int(r['epoch']):03d}_step_{int(r['step']):05d}_val_mIoU: {float(r['val_mIoU']):.4f}")
     final = float(rows[-1]["val_mIoU"]) if rows else 0.0

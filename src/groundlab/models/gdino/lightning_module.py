@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from groundlab.data.captions import chunk_class_prompts
 from groundlab.eval.coco_eval import CocoEvaluator
 from groundlab.models.checkpoint import FORMAT, VERSION
+from groundlab.models.finite_loss import check_finite_loss
 from groundlab.models.gdino.build import build_gdino
 from groundlab.models.gdino.criterion import build_criterion
 from groundlab.models.gdino.optim import build_optimizer, lr_lambda
@@ -80,11 +81,8 @@ class GDinoLightning(L.LightningModule):
     def training_step(self, batch: Dict[str, Any], batch_idx: int) -> torch.Tensor:
         losses = self.criterion(self(batch, batch["targets"]), batch["targets"])
         total = self.criterion.weighted_total(losses)
-        if not torch.isfinite(total):
-            raise FloatingPointError(
-                f"loss is {total.item()} at global step {self.global_step} (epoch {self.current_epoch}, batch "
-                f"{batch_idx}); training stopped, the last good checkpoint is kept. Lower train.optim.lr, "
-                f"raise train.clip_grad_norm or use train.precision=fp32.")
+        check_finite_loss(total, self.global_step, self.current_epoch, batch_idx,
+                          "Lower train.optim.lr, raise train.clip_grad_norm or use train.precision=fp32.")
         bs = batch["images"].shape[0]
         self.log("train_loss", total, prog_bar=True, batch_size=bs)
         for key in ("loss_ce", "loss_bbox", "loss_giou"):

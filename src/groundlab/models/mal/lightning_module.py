@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from groundlab.eval.mask_miou import MaskIoUMeter
 from groundlab.models.checkpoint import FORMAT, VERSION, load_checkpoint
+from groundlab.models.finite_loss import check_finite_loss
 from groundlab.models.mal.build import build_mal_network, network_state
 from groundlab.models.mal.criterion import MALCriterion
 from groundlab.models.mal.postprocess import MALPostProcessor
@@ -78,11 +79,8 @@ class MALLightning(L.LightningModule):
             teacher = self.teacher(batch["teacher"], batch["area"])
         losses = self.criterion(student, teacher, batch["teacher"], batch["box_mask"], self.global_step)
         total = losses["loss_mil"] + losses["loss_crf"]
-        if not torch.isfinite(total):
-            raise FloatingPointError(
-                f"loss is {total.item()} at global step {self.global_step} (epoch {self.current_epoch}, batch "
-                f"{batch_idx}); training stopped, the last good checkpoint is kept. Lower train.lr or use "
-                f"train.precision=fp32.")
+        check_finite_loss(total, self.global_step, self.current_epoch, batch_idx,
+                          "Lower train.lr, set train.clip_grad_norm or use train.precision=fp32 (train.use_amp=false).")
         bs = batch["student"].shape[0]
         self.log("train_loss", total, prog_bar=True, batch_size=bs)
         self.log("train_loss_mil", losses["loss_mil"], batch_size=bs)
