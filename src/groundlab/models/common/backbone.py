@@ -1,8 +1,9 @@
-"""Image backbones from transformers (Swin-T/B/L, ResNet-50) returning the feature maps at strides
-8/16/32 (TAO's `return_interm_indices` [1, 2, 3] = stages 2..4) with their padding masks.
+"""Image backbones (Swin-T/B/L, ResNet-50) returning the feature maps at strides 8/16/32 (TAO's
+`return_interm_indices` [1, 2, 3] = stages 2..4) with their padding masks.
 
-No timm and no torchvision: transformers' SwinBackbone/ResNetBackbone build offline from a config and
-load real weights from a local path."""
+No timm and no torchvision: both build offline from a transformers config and load real weights from a local
+path. Swin is groundlab's own implementation (groundlab.models.common.swin: transformers' SwinBackbone keys
+and outputs, faster to train on CPU); ResNet-50 is transformers' ResNetBackbone."""
 
 from __future__ import annotations
 
@@ -93,19 +94,32 @@ def backbone_config(name: str, out_indices: Sequence[int], overrides: Mapping[st
 
 
 class ImageBackbone(nn.Module):
-    """transformers backbone (`body`) + padding masks per level.
+    """Backbone (`body`: groundlab's SwinBackbone or transformers' ResNetBackbone) + padding masks per level.
 
     forward(images (B, 3, H, W), padding_mask (B, H, W) True on padding) -> [(feature (B, C_l, H_l, W_l),
     mask (B, H_l, W_l))] for the stages in out_indices. `channels` lists C_l."""
 
     def __init__(self, name: str, out_indices: Sequence[int], overrides: Mapping[str, Any] | None = None):
         super().__init__()
-        from transformers import AutoBackbone
+        config = backbone_config(name, out_indices, overrides)
+        if name in SWIN_PRESETS:
+            from groundlab.models.common.swin import SwinBackbone
 
-        self.body = AutoBackbone.from_config(backbone_config(name, out_indices, overrides))
-        freeze_batch_norm(self.body)
+            self.body = SwinBackbone(config)
+        else:
+            from transformers import AutoBackbone
+
+            self.body = AutoBackbone.from_config(config)
+            freeze_batch_norm(self.body)
         self.channels: List[int] = list(self.body.channels)
 
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute the Swin blocks in backward (training only); ResNet keeps its activations."""
+        if hasattr(self.body, "use_checkpoint"):
+            self.body.use_checkpoint = enabled
+
     def forward(self, images: torch.Tensor, padding_mask: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-        maps = self.body(images).feature_maps
+        maps = self.body(images)
+        if not isinstance(maps, tuple):  # transformers' BackboneOutput
+            maps = maps.feature_maps
         return [(f, F.interpolate(padding_mask[None].float(), size=f.shape[-2:])[0].bool()) for f in maps]

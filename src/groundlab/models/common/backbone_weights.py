@@ -1,4 +1,4 @@
-"""`model.pretrained_backbone_path`: backbone-only weights into a transformers backbone (`ImageBackbone.body`).
+"""`model.pretrained_backbone_path`: backbone-only weights into `ImageBackbone.body` (transformers' state-dict keys).
 
 Accepted: a transformers model directory or weights file (SwinModel/SwinBackbone/ResNet names, with or
 without their `swin.`/`resnet.` prefix), an original Swin classification checkpoint (Microsoft / IDEA

@@ -35,17 +35,17 @@ def ms_deform_attn_core(
     B, _, heads, head_dim = value.shape
     _, Q, _, levels, points, _ = sampling_locations.shape
     value_list = value.split([h * w for h, w in spatial_shapes], dim=1)
-    grids = 2 * sampling_locations - 1  # grid_sample wants [-1, 1]
-    sampled = []
+    # level-major (levels, B*heads, Q, points, ...) so that each level's grid, weights and (in backward) the
+    # gradient of its samples are contiguous: no stack of the samples, no copies in grid_sample's backward
+    grids = (2 * sampling_locations - 1).permute(3, 0, 2, 1, 4, 5).reshape(levels, B * heads, Q, points, 2)
+    weights = attention_weights.permute(3, 0, 2, 1, 4).reshape(levels, B * heads, 1, Q, points).to(value.dtype)
+    out = None
     for lvl, (h, w) in enumerate(spatial_shapes):
         # (B, h*w, heads, d) -> (B*heads, d, h, w)
         v = value_list[lvl].flatten(2).transpose(1, 2).reshape(B * heads, head_dim, h, w)
-        # (B, Q, heads, points, 2) -> (B*heads, Q, points, 2)
-        g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)
-        sampled.append(F.grid_sample(v, g.to(v.dtype), mode="bilinear", padding_mode="zeros", align_corners=False))
-    # (B, Q, heads, levels, points) -> (B*heads, 1, Q, levels*points)
-    weights = attention_weights.transpose(1, 2).reshape(B * heads, 1, Q, levels * points)
-    out = (torch.stack(sampled, dim=-2).flatten(-2) * weights.to(value.dtype)).sum(-1)
+        sampled = F.grid_sample(v, grids[lvl].to(v.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
+        level = (sampled * weights[lvl]).sum(-1)  # (B*heads, d, Q)
+        out = level if out is None else out + level
     return out.view(B, heads * head_dim, Q).transpose(1, 2).contiguous()
 
 
@@ -147,9 +147,13 @@ class MSDeformAttn(nn.Module):
         weights = self.attention_weights(query).view(B, Q, self.n_heads, self.n_levels * self.n_points)
         weights = weights.softmax(-1).view(B, Q, self.n_heads, self.n_levels, self.n_points)
         if reference_points.shape[-1] == 2:
-            shapes = torch.tensor(spatial_shapes, dtype=query.dtype, device=query.device)
-            normalizer = torch.stack([shapes[:, 1], shapes[:, 0]], -1)
-            locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+            # (W, H) per level, spelled out over points: broadcasting then runs over whole rows of
+            # levels * points * 2 values (much faster than a trailing broadcast over points and x/y)
+            lp2 = self.n_levels * self.n_points * 2
+            normalizer = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=query.dtype, device=query.device)
+            normalizer = normalizer[:, None].expand(-1, self.n_points, -1).reshape(lp2)
+            ref = reference_points[:, :, :, None].expand(-1, -1, -1, self.n_points, -1).reshape(B, Q, 1, lp2)
+            locations = (ref + offsets.view(B, Q, self.n_heads, lp2) / normalizer).view(offsets.shape)
         elif reference_points.shape[-1] == 4:
             locations = (reference_points[:, :, None, :, None, :2]
                          + offsets / self.n_points * reference_points[:, :, None, :, None, 2:] * 0.5)

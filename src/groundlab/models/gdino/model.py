@@ -2,7 +2,7 @@
 cross-modality decoder and token-level contrastive head.
 
 State-dict keys are IDEA-Research's (`groundingdino_swint_ogc.pth`), except the image backbone, which is
-a transformers backbone under `backbone.body.` with transformers' own names.
+under `backbone.body.` with transformers' own backbone names (groundlab's Swin keeps transformers' SwinBackbone keys).
 """
 
 from __future__ import annotations
@@ -73,7 +73,9 @@ class GroundingDINO(nn.Module):
         self._set_special_tokens()
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
-        """Recompute encoder/decoder layers in backward instead of storing their activations (train.activation_checkpoint)."""
+        """Recompute Swin blocks and encoder/decoder layers in backward instead of storing their activations
+        (train.activation_checkpoint)."""
+        self.backbone.set_activation_checkpointing(enabled)
         self.transformer.encoder.use_checkpoint = enabled
         self.transformer.decoder.use_checkpoint = enabled
 
