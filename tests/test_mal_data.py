@@ -134,3 +134,20 @@ def test_miou_is_the_mean_over_classes_of_per_class_means():
     gt = torch.zeros(4, 4, dtype=torch.uint8)
     gt[:1] = 1
     assert mask_iou(pred, gt, gt_area=4 + 4) == pytest.approx(4 / (8 + 8 - 4))  # 4 true pixels outside the region
+
+
+def test_paste_back_is_exact_when_the_crop_is_not_resized():
+    """A crop box of exactly the crop size: box mask, crop and paste-back are pixel identities (no half-pixel shift)."""
+    h, w, size = 40, 50, 32
+    image = np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)
+    box = [10.0, 4.0, 30.0, 20.0]
+    ext = (5, 2, 5 + size, 2 + size)
+    assert (crop_resized(image, ext, size) == image[2:34, 5:37]).all()
+    in_crop = box_mask_in_crop(box, ext, size)
+    expected = np.zeros((size, size), np.float32)
+    expected[2:18, 5:25] = 1
+    assert (in_crop == expected).all()
+    prob = torch.rand(size, size)
+    region, place = paste_mask(prob, ext, box, h, w)
+    assert place == (5, 2, 37, 34)
+    torch.testing.assert_close(region, prob * torch.from_numpy(expected))

@@ -154,17 +154,34 @@ def test_frozen_stages_and_stochastic_depth():
     from groundlab.models.mal.vit_backbone import DropPath
 
     net = ViTBackbone("vit-micro/8", 64, drop_path_rate=0.5, overrides=SMALL)
-    net.freeze(1)  # TAO frozen_stages [1]: the patch embedding and block 0
+    net.freeze([1])  # TAO frozen_stages [1]: the patch embedding and block 0
     frozen = {n for n, p in net.named_parameters() if not p.requires_grad}
     assert any(n.startswith("vit.embeddings.") for n in frozen) and any(n.startswith("vit.layers.0.") for n in frozen)
     assert not any(n.startswith("vit.layers.1.") for n in frozen)
+    net.train()
+    assert not net.vit.layers[0].training and net.vit.layers[1].training  # frozen blocks stay in eval mode
+    for stages in ([-1], [0]):
+        fresh = ViTBackbone("vit-micro/8", 64, overrides=SMALL)
+        fresh.freeze(stages)
+        assert all(p.requires_grad for p in fresh.parameters())
+    with pytest.raises(ValueError, match="frozen_stages"):
+        fresh.freeze([5])
     rates = [layer.dropout.rate for layer in net.vit.layers]
     assert rates == [0.0, 0.5] and all(isinstance(layer.dropout, DropPath) for layer in net.vit.layers)
     x = torch.randn(4, 3, 64, 64)
-    net.eval()
+    net = ViTBackbone("vit-micro/8", 64, drop_path_rate=0.5, overrides=SMALL).eval()
     torch.testing.assert_close(net(x), net(x))  # no randomness at evaluation
     net.train()
     torch.manual_seed(0)
     a = net(x)
     torch.manual_seed(1)
     assert not torch.allclose(a, net(x))  # whole branches dropped per sample while training
+
+
+def test_network_runs_under_autocast():
+    """Mixed precision (TAO use_amp): fp32 features and half-precision logits meet in the bucket merge."""
+    net = MALNetwork("vit-micro/8", 64, hidden=16, out_channels=16, vit_overrides=SMALL)
+    areas = torch.tensor([20.0 ** 2, 60.0 ** 2, 200.0 ** 2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(torch.randn(3, 3, 64, 64), areas)
+    assert out.shape == (3, 1, 32, 32) and torch.isfinite(out.float()).all()

@@ -40,6 +40,16 @@ def load_predictor(checkpoint: str, options: DictConfig, device: torch.device) -
     return predictor.eval(), ckpt
 
 
+def checkpoint_crop_size(cfg: DictConfig, ckpt: dict) -> int:
+    """The crop size the checkpoint was trained at (its position embeddings' grid); dataset.crop_size is for
+    training, so another value there is reported, not used."""
+    crop = int(ckpt["crop_size"])
+    if cfg.dataset.crop_size != crop:
+        log.info("crops at the checkpoint's crop size %d (dataset.crop_size=%d applies to training)", crop,
+                 cfg.dataset.crop_size)
+    return crop
+
+
 def run(cfg: DictConfig) -> Dict[str, float]:
     ev = cfg.evaluate
     if not ev.checkpoint:
@@ -48,7 +58,7 @@ def run(cfg: DictConfig) -> Dict[str, float]:
     predictor, ckpt = load_predictor(ev.checkpoint, ev, device)
     paths = mal_paths(cfg)
     data, source = read_split(cfg, paths["val_ann"], paths["val_img"], "val", train=False)
-    dataset = MALCropDataset(data, source, cfg.dataset.crop_size, False, cfg.train.margin_rate,
+    dataset = MALCropDataset(data, source, checkpoint_crop_size(cfg, ckpt), False, cfg.train.margin_rate,
                              cfg.train.test_margin_rate, with_gt=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=ev.batch_size, collate_fn=collate_crops,
                                          num_workers=cfg.dataset.num_workers_per_gpu)

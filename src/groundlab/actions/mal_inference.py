@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from groundlab.actions.mal_evaluate import load_predictor
+from groundlab.actions.mal_evaluate import checkpoint_crop_size, load_predictor
 from groundlab.atomic_write import atomic_write_text
 from groundlab.config import ConfigError
 from groundlab.data.image_decode import decode_rgb
@@ -56,11 +56,11 @@ def run(cfg: DictConfig) -> Dict[str, float]:
     if not inf.label_dump_path:
         raise ConfigError("inference.label_dump_path is required: where the json with masks goes.")
     device = torch.device("cuda" if torch.cuda.is_available() and inf.num_gpus > 0 else "cpu")
-    predictor, _ = load_predictor(inf.checkpoint, inf, device)
+    predictor, ckpt = load_predictor(inf.checkpoint, inf, device)
     ann_path, img_dir = _inputs(cfg)
     source = open_source(img_dir, "inference.img_dir", cfg.cache_dir)
     data = read_mal_instances(ann_path, source, need_masks=inf.load_mask, skip_missing=True, keep_data=True)
-    dataset = MALCropDataset(data, source, cfg.dataset.crop_size, False, cfg.train.margin_rate,
+    dataset = MALCropDataset(data, source, checkpoint_crop_size(cfg, ckpt), False, cfg.train.margin_rate,
                              cfg.train.test_margin_rate, with_gt=inf.load_mask)
     loader = torch.utils.data.DataLoader(dataset, batch_size=inf.batch_size, collate_fn=collate_crops,
                                          num_workers=cfg.dataset.num_workers_per_gpu)
@@ -68,7 +68,8 @@ def run(cfg: DictConfig) -> Dict[str, float]:
     meter = MaskIoUMeter(len(data.class_names))
     out = copy.deepcopy(data.data)
     anns = out.get("annotations", [])
-    drawn: Dict[str, list] = defaultdict(list)  # file name -> [(mask, label, box)] for the annotated images
+    drawn: Dict[str, list] = defaultdict(list)  # file name -> [(region, place, label, box)] for the annotated images
+    empty = []  # boxes whose predicted mask has no pixel: written (area 0) and reported
     limit = inf.draw_images if inf.draw_images >= 0 else float("inf")
     for batch in tqdm(loader, desc="inference", unit="batch"):
         logits = predictor(batch["teacher"].to(device), batch["area"].to(device))
@@ -80,10 +81,12 @@ def run(cfg: DictConfig) -> Dict[str, float]:
             full[y1:y2, x1:x2] = region.numpy()
             ann = anns[rec["ann_index"]]
             ann["segmentation"], ann["area"] = encode_mask(full), float(full.sum())
+            if not ann["area"]:
+                empty.append(rec["ann_id"])
             if iou is not None:
                 ann["mal_iou"] = iou
             if rec["file_name"] in drawn or len(drawn) < limit:
-                drawn[rec["file_name"]].append((full, rec["label"], rec["box"]))
+                drawn[rec["file_name"]].append((region, (x1, y1, x2, y2), rec["label"], rec["box"]))
     out["mal_skipped"] = data.skipped
     path = os.path.abspath(os.path.expanduser(inf.label_dump_path))
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -92,14 +95,23 @@ def run(cfg: DictConfig) -> Dict[str, float]:
     os.makedirs(image_dir, exist_ok=True)
     for name, items in drawn.items():
         image = decode_rgb(source.read(name), name)
-        masks, labels, boxes = zip(*items)
-        target = os.path.join(image_dir, os.path.basename(name).rsplit(".", 1)[0] + ".jpg")
-        overlay_masks(image, masks, labels, boxes, data.class_names).save(target, quality=92)
+        masks = []
+        for region, (x1, y1, x2, y2), _, _ in items:
+            full = np.zeros(image.shape[:2], dtype=bool)
+            full[y1:y2, x1:x2] = region.numpy()
+            masks.append(full)
+        # the path inside the source, flattened: same-named images in different folders stay apart
+        target = os.path.join(image_dir, name.replace("/", "__").rsplit(".", 1)[0] + ".jpg")
+        overlay_masks(image, masks, [i[2] for i in items], [i[3] for i in items], data.class_names).save(target,
+                                                                                                      quality=92)
+    if empty:
+        log.warning("%d boxes got an empty mask (area 0), e.g. annotation ids %s", len(empty), empty[:5])
     for s in data.skipped:
         log.warning("box not labelled: annotation id %s (image %s): %s", s["ann_id"], s["image_id"], s["reason"])
     log.info("wrote %s: %d masks, %d boxes left without one (listed under 'mal_skipped'); %d annotated images in %s",
              path, len(data.instances), len(data.skipped), len(drawn), image_dir)
-    metrics = {"masks_written": float(len(data.instances)), "boxes_skipped": float(len(data.skipped))}
+    metrics = {"masks_written": float(len(data.instances)), "boxes_skipped": float(len(data.skipped)),
+               "empty_masks": float(len(empty))}
     if inf.load_mask:
         result = meter.compute(data.class_names)
         metrics.update({k: float(v) for k, v in result.items() if k.startswith("mIoU") and v is not None})

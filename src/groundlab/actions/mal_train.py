@@ -51,6 +51,7 @@ def run(cfg: DictConfig) -> Dict[str, float]:
         logger=[CSVLogger(run_dir, name="logs", version=""), TensorBoardLogger(run_dir, name="tensorboard", version="")],
         enable_checkpointing=False, callbacks=[GroundlabCheckpoint(run_dir, "mal", train.save_every_k_epoch)],
         num_sanity_val_steps=0, log_every_n_steps=1, check_val_every_n_epoch=train.val_interval,
+        limit_val_batches=None if datamodule.val_set is not None else 0,
         max_time={"minutes": train.max_time_minutes} if train.max_time_minutes else None,
     )
     resume = train.resume_training_checkpoint_path or find_resume_checkpoint(run_dir, "mal")
@@ -58,7 +59,8 @@ def run(cfg: DictConfig) -> Dict[str, float]:
         log.info("resuming from %s", resume)
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
-    if not module.last_metrics:  # finished without a validation (max_time, or a finished run resumed)
+    if datamodule.val_set is not None and module.last_metrics_step != trainer.global_step:
+        # the final weights were not validated (max_time, val_interval, a finished run resumed): do it now
         trainer.validate(module, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     metrics.update(module.last_metrics)

@@ -81,7 +81,8 @@ def run(cfg: DictConfig) -> Dict[str, float]:
         log.info("resuming from %s", resume)
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
-    if not module.last_metrics:  # nothing left to train (a finished run resumed): still report its metrics
+    if module.last_metrics_step != trainer.global_step:  # the final weights were not validated (max_time, an
+        # interval that does not divide the epochs, a finished run resumed): validate them now
         trainer.validate(module, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     metrics.update(module.last_metrics)

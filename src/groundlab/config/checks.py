@@ -21,6 +21,9 @@ def _check_model(cfg: DictConfig, errors: List[str]) -> None:
         errors.append(f"model.name={m.name!r} is not one of {list(MODEL_NAMES)}.")
         return
     if m.name == "mal":
+        if cfg.train.distributed_strategy not in ("ddp",):
+            errors.append(f"train.distributed_strategy={cfg.train.distributed_strategy!r}: MAL trains with ddp (its "
+                          f"EMA teacher pairs the student's parameters one by one, which sharding would split).")
         return
     n_interm = len(m.return_interm_indices)
     if m.num_feature_levels < n_interm:

@@ -155,7 +155,7 @@ class MALInferenceConfig:
     ann_path: str = ""
     img_dir: str = ""
     label_dump_path: str = ""
-    load_mask: bool = False  # keep masks the input json already has instead of predicting them
+    load_mask: bool = False  # the json has masks: score the predictions against them (mIoU, `mal_iou` per box)
     batch_size: int = 3
     use_mixed_model_test: bool = False
     use_teacher_test: bool = False

@@ -96,7 +96,7 @@ class MALDatasetConfig:
     crop_size: int = 512
     min_obj_size: float = 2048.0
     max_obj_size: float = 1e10
-    load_mask: bool = True
+    load_mask: bool = True  # false: the val json has no masks, so training runs without validation
     num_workers_per_gpu: int = 2
     skip_missing_images: bool = False
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)

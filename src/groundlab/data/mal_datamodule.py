@@ -65,12 +65,14 @@ class MALDataModule(L.LightningDataModule):
         c, t = self.cfg, self.cfg.train
         paths = mal_paths(c)
         self.train_data, train_src = read_split(c, paths["train_ann"], paths["train_img"], "train", train=True)
+        self.train_set = MALCropDataset(self.train_data, train_src, c.dataset.crop_size, True, t.margin_rate,
+                                        t.test_margin_rate, seed=c.seed)
+        if not c.dataset.load_mask:  # TAO: the val json has no masks to score against; train without validation
+            return self
         self.val_data, val_src = read_split(c, paths["val_ann"], paths["val_img"], "val", train=False)
         if self.val_data.class_names != self.train_data.class_names:
             raise DataError(f"the val json's categories {self.val_data.class_names} differ from the train json's "
                             f"{self.train_data.class_names}", paths["val_ann"])
-        self.train_set = MALCropDataset(self.train_data, train_src, c.dataset.crop_size, True, t.margin_rate,
-                                        t.test_margin_rate, seed=c.seed)
         self.val_set = MALCropDataset(self.val_data, val_src, c.dataset.crop_size, False, t.margin_rate,
                                       t.test_margin_rate, with_gt=True)
         return self
@@ -85,5 +87,7 @@ class MALDataModule(L.LightningDataModule):
         return self._loader(self.train_set, self.cfg.train.batch_size, shuffle=True)
 
     def val_dataloader(self):
+        if self.val_set is None:
+            return []
         return self._loader(self.val_set, self.cfg.evaluate.batch_size, shuffle=False)
 

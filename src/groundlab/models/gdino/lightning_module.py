@@ -41,6 +41,7 @@ class GDinoLightning(L.LightningModule):
         self.post = GroundingPostProcessor(cfg.model.num_select)
         self.evaluator: Optional[CocoEvaluator] = None
         self.last_metrics: Dict[str, float] = {}
+        self.last_metrics_step = -1
 
     def _freeze(self, prefixes) -> None:
         """train.freeze: parameters whose names start with any prefix stop training (e.g. [backbone, bert])."""
@@ -145,6 +146,7 @@ class GDinoLightning(L.LightningModule):
         self.log("val_mAP", ap, prog_bar=True, sync_dist=False)
         self.log("val_mAP50", ap50, prog_bar=True, sync_dist=False)
         self.last_metrics = {"val_mAP": ap, "val_mAP50": ap50}
+        self.last_metrics_step = self.global_step  # which weights they describe
 
     # ---------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:

@@ -6,7 +6,7 @@ import logging
 from typing import Any, Dict, Tuple
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from groundlab.models.checkpoint import load_checkpoint
 from groundlab.models.mal.network import MALNetwork
@@ -20,7 +20,7 @@ def build_mal_network(model_cfg, crop_size: int) -> MALNetwork:
     net = MALNetwork(m.arch, int(crop_size), m.mask_head_hidden_channel, m.mask_head_out_channel,
                      m.mask_head_num_convs, m.mask_scale_ratio, m.mask_scale_ratio_pre, not m.not_adjust_scale,
                      m.vit_dpr, m.get("vit_overrides"))
-    net.backbone.freeze(int(list(m.frozen_stages)[0]) if len(m.frozen_stages) else -1)
+    net.backbone.freeze(list(m.frozen_stages) or [-1])
     return net
 
 
@@ -43,6 +43,3 @@ def load_mal_network(path: str, which: str = "student") -> Tuple[MALNetwork, Dic
     net.load_state_dict(network_state(ckpt, which))
     return net.eval(), ckpt
 
-
-def model_config_dict(model_cfg: DictConfig) -> Dict[str, Any]:
-    return OmegaConf.to_container(model_cfg, resolve=True)

@@ -60,6 +60,10 @@ class MALLightning(L.LightningModule):
         self.meter: Optional[MaskIoUMeter] = None
         self._ema_step = 0
         self.last_metrics: Dict[str, float] = {}
+        self.last_metrics_step = -1
+
+    def on_train_start(self) -> None:
+        self._ema_step = self.global_step  # a resumed run: no extra EMA update before its first optimizer step
 
     def train(self, mode: bool = True):
         """The teacher is never in training mode (no drop path): it only follows the student."""
@@ -143,6 +147,7 @@ class MALLightning(L.LightningModule):
         for k, v in metrics.items():
             self.log(f"val_{k}", v, prog_bar=k == "mIoU", sync_dist=False)
         self.last_metrics = {f"val_{k}": v for k, v in metrics.items()}
+        self.last_metrics_step = self.global_step  # which weights they describe
 
     # ---------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:

@@ -3,7 +3,8 @@ MLP) and per-pixel mask features (4 convs, upsampled before the last); mask logi
 
 Scale-adaptive features (TAO `not_adjust_scale: false`): the ViT map is resized by 1/2, 1 or 2 for boxes
 whose area in the original image is small (<= 32^2), medium (<= 96^2) or large, so a small object is
-not segmented from more feature cells than it has pixels; all logits come out at crop_size / 4."""
+not segmented from more feature cells than it has pixels; all logits come out at 4x the ViT grid
+(crop_size / 4 for patch 16)."""
 
 from __future__ import annotations
 
@@ -57,7 +58,8 @@ class MaskFeatureHead(nn.Module):
 
 
 class MALNetwork(nn.Module):
-    """forward(images (N, 3, S, S) box crops, box_areas (N,) in original pixels) -> mask logits (N, 1, S/4, S/4)."""
+    """forward(images (N, 3, S, S) box crops, box_areas (N,) in original pixels) -> mask logits (N, 1, 4S/p, 4S/p)
+    for patch size p (S/4 with patch 16)."""
 
     def __init__(self, arch: str, crop_size: int, hidden: int = 256, out_channels: int = 256, num_convs: int = 4,
                  mask_scale_ratio: float = 2.0, mask_scale_ratio_pre: float = 1.0, adjust_scale: bool = True,
@@ -89,6 +91,6 @@ class MALNetwork(nn.Module):
         for b in range(len(AREA_BUCKETS)):
             sel = (buckets == b).nonzero().flatten()
             if len(sel):
-                out = out.index_put((sel,), self._logits(feat[sel], kernel[sel], self.scale_pre * 2.0 ** (b - 1),
-                                                         out_size))
+                logits = self._logits(feat[sel], kernel[sel], self.scale_pre * 2.0 ** (b - 1), out_size)
+                out = out.index_put((sel,), logits.to(out.dtype))  # autocast: fp32 features, half-precision logits
         return out

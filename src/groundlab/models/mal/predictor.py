@@ -21,11 +21,11 @@ class MALPredictor(nn.Module):
         super().__init__()
         if (use_teacher or mixed) and teacher is None:
             raise ValueError("use_teacher_test / use_mixed_model_test need the teacher's weights")
-        self.nets = [teacher, student] if mixed else [teacher if use_teacher else student]
+        self.nets = nn.ModuleList([teacher, student] if mixed else [teacher if use_teacher else student])
         self.flip = flip
 
     def _once(self, images: torch.Tensor, areas: torch.Tensor) -> torch.Tensor:
-        return torch.stack([net(images, areas) for net in self.nets]).mean(0)
+        return torch.stack([net(images, areas).float() for net in self.nets]).mean(0)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, areas: torch.Tensor) -> torch.Tensor:
@@ -37,6 +37,6 @@ class MALPredictor(nn.Module):
 
 def score_batch(masks: List[Tuple[torch.Tensor, Any]], batch: Dict[str, Any], meter: MaskIoUMeter) -> List[float]:
     """IoU of each pasted mask (MALPostProcessor output) with the batch's gt_crop; adds them to `meter`."""
-    ious = [mask_iou(m, gt, float(a)) for (m, _), gt, a in zip(masks, batch["gt_crop"], batch["gt_area"])]
+    ious = [mask_iou(m, gt.cpu(), float(a)) for (m, _), gt, a in zip(masks, batch["gt_crop"], batch["gt_area"])]
     meter.update(batch["label"].tolist(), ious, batch["area"])
     return ious

@@ -67,8 +67,7 @@ class ViTBackbone(nn.Module):
     """forward(images (B, 3, S, S)) -> features (B, C, S/p, S/p) (the patch tokens, CLS dropped).
 
     `drop_path_rate` (TAO `vit_dpr`): stochastic depth rising linearly over the blocks, applied where
-    transformers' ViTLayer applies dropout to each residual branch. `frozen_stages` (TAO): -1 trains
-    all; k >= 0 freezes the patch embedding and blocks 0..k-1."""
+    transformers' ViTLayer applies dropout to each residual branch. `freeze(frozen_stages)`: see there."""
 
     def __init__(self, arch: str, crop_size: int, drop_path_rate: float = 0.0, overrides=None):
         super().__init__()
@@ -84,14 +83,33 @@ class ViTBackbone(nn.Module):
             if drop_path_rate > 0:
                 layer.dropout = DropPath(drop_path_rate * i / max(1, n - 1))
 
-    def freeze(self, frozen_stages: int) -> None:
-        if frozen_stages < 0:
+    def freeze(self, frozen_stages) -> None:
+        """TAO/MAL `frozen_stages`: [-1] or [0] trains everything; [k] freezes the patch embedding (with the
+        CLS token and position embeddings) and blocks 0..k-1; [a, b] freezes blocks a..b-1 (and the embedding
+        when a == 0)."""
+        stages = [int(v) for v in frozen_stages]
+        if len(stages) not in (1, 2):
+            raise ValueError(f"model.frozen_stages takes [k] or [start, end], got {stages}")
+        start, end = (0, stages[0]) if len(stages) == 1 else stages
+        if end <= start or end <= 0:
             return
-        frozen = [self.vit.embeddings] + list(self.vit.layers[:frozen_stages])
-        for module in frozen:
-            module.eval()
+        if end > len(self.vit.layers):
+            raise ValueError(f"model.frozen_stages={stages}: the backbone has {len(self.vit.layers)} blocks")
+        self._frozen = ([self.vit.embeddings] if start == 0 else []) + list(self.vit.layers[start:end])
+        for module in self._frozen:
             for p in module.parameters():
                 p.requires_grad_(False)
+        self.keep_frozen_eval()
+
+    def keep_frozen_eval(self) -> None:
+        for module in getattr(self, "_frozen", []):
+            module.eval()
+
+    def train(self, mode: bool = True):
+        """Frozen blocks stay in eval mode (no drop path) whatever mode the rest is put in."""
+        super().train(mode)
+        self.keep_frozen_eval()
+        return self
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         if enabled:
