@@ -1,8 +1,8 @@
 """groundlab's only entrypoint: `python run.py [experiment=...] [model=...] [action=...] [key=value ...]`.
 
-Composes the typed config, checks it, and runs `ACTIONS[cfg.action.name]`. Returns the metric named by
-`monitor` so Hydra sweepers (grid, Optuna) can optimize it. Heavy libraries (torch, transformers,
-lightning) are imported inside the action, so `--help` and config errors answer at once.
+Composes the typed config, checks it, and runs `RECIPES[(model, action)]` (src/groundlab/recipes.py). Returns
+the metric named by `monitor` so Hydra sweepers (grid, Optuna) can optimize it. Heavy libraries (torch,
+transformers, lightning) are imported inside the recipe, so `--help` and config errors answer at once.
 """
 
 from __future__ import annotations
@@ -11,11 +11,13 @@ import sys
 from typing import Optional
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from groundlab.config import register_configs
+from groundlab.recipes import matrix
 
 register_configs()
+OmegaConf.register_new_resolver("groundlab_recipes", matrix, replace=True)  # --help prints the recipe table
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

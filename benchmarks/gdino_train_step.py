@@ -19,7 +19,7 @@ from gdino_vs_hf import hf_model
 
 def synthetic_batch(batch: int, size: int, encoder):
     """Synthetic images, one 9-class prompt per image, 1-4 boxes each with their phrase index."""
-    from groundlab.data.captions import class_prompt
+    from groundlab.text.captions import class_prompt
 
     names = [f"{c} {s}" for c in ("red", "green", "blue") for s in ("circle", "square", "triangle")]
     g = torch.Generator().manual_seed(0)
@@ -48,7 +48,8 @@ def main() -> None:
     from omegaconf import OmegaConf
 
     from groundlab.config.schema_model import GDinoModelConfig
-    from groundlab.data.tokens import PromptEncoder, load_tokenizer
+    from groundlab.text.tokenizer import load_tokenizer
+    from groundlab.text.tokens import PromptEncoder
     from groundlab.models.gdino.build import build_gdino
     from groundlab.models.gdino.criterion import build_criterion
 

@@ -21,7 +21,7 @@ CLASSES = ["person", "bicycle", "car", "motorcycle", "bus", "traffic light", "fi
 def hf_model(arch: str):
     from transformers import BertConfig, BertModel, GroundingDinoConfig, GroundingDinoForObjectDetection, SwinConfig
 
-    from groundlab.data.tokens import resolve_text_encoder
+    from groundlab.text.tokenizer import resolve_text_encoder
 
     if arch == "tiny":
         swin = SwinConfig(embed_dim=32, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], window_size=7, out_indices=[2, 3, 4])
@@ -59,8 +59,9 @@ def timed(fn, repeat: int) -> float:
 
 def bench(arch: str, size, repeat: int) -> None:
     from groundlab.config.schema_model import GDinoModelConfig
-    from groundlab.data.captions import class_prompt
-    from groundlab.data.tokens import PromptEncoder, load_tokenizer
+    from groundlab.text.captions import class_prompt
+    from groundlab.text.tokenizer import load_tokenizer
+    from groundlab.text.tokens import PromptEncoder
     from groundlab.models.gdino.build import build_gdino
     from omegaconf import OmegaConf
 

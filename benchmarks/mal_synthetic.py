@@ -21,10 +21,10 @@ def box_baseline(overrides) -> dict:
     from hydra import compose, initialize_config_dir
 
     from groundlab.config.store import register_configs
-    from groundlab.data.mal_crops import paste_mask
-    from groundlab.data.mal_datamodule import MALDataModule
+    from groundlab.ops.paste import paste_mask
+    from groundlab.engine.mal_data import MALDataModule
     from groundlab.eval.mask_miou import MaskIoUMeter
-    from groundlab.models.mal.predictor import score_batch
+    from groundlab.eval.mask_miou import score_batch
 
     register_configs()
     with initialize_config_dir(os.path.join(REPO, "conf"), version_base=None):

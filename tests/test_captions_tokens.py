@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from groundlab.data.captions import (
+from groundlab.text.captions import (
     chunk_class_prompts, class_prompt, grounding_prompt, prompt_token_len, sample_detection_prompt, split_class_prompts,
 )
-from groundlab.data.errors import DataError, PromptOverflowError
+from groundlab.errors import DataError, PromptOverflowError
 from groundlab.data.raw import caption_prompt
-from groundlab.data.tokens import PromptEncoder, sub_sentence_masks
+from groundlab.text.tokens import PromptEncoder, sub_sentence_masks
 
 
 def test_vocab_is_real_bert_base_uncased(tokenizer):

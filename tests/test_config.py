@@ -97,7 +97,6 @@ def test_typo_in_a_yaml_file_names_file_and_key(tmp_path):
         (["model.num_feature_levels=2"], "model.num_feature_levels=2"),
         (["dataset.augmentation.train_random_crop_min=700"], "train_random_crop_min=700"),
         (["model=mal"], "model=mal reads dataset.type"),
-        (["model=mal", "dataset=mal_synthetic", "action=visualize"], "action=visualize draws Grounding DINO"),
         (["dataset.synthetic.min_objects=5", "dataset.synthetic.max_objects=2"], "min_objects=5"),
         (["model.hidden_dim=100"], "divisible by model.nheads"),
     ],
@@ -127,8 +126,22 @@ def test_startup_path_does_not_import_heavy_libraries():
     assert "HEAVY []" in proc.stdout, proc.stdout + proc.stderr
 
 
-def test_unknown_action_lists_available(compose):
-    from groundlab.actions import get_action
+def test_unsupported_pair_fails_at_start_up_naming_the_pairs_that_exist():
+    proc = run_py("model=mal", "dataset=mal_synthetic", "action=export")
+    assert proc.returncode == 2
+    err = proc.stderr.strip()
+    assert err.count("\n") == 0, err  # one sentence, no traceback
+    assert "model=mal action=export does not exist" in err and "action={train, evaluate, inference}" in err
 
-    with pytest.raises(ConfigError, match="available"):
-        get_action("tarin")
+
+def test_help_prints_the_recipe_matrix():
+    from groundlab.recipes import RECIPES
+
+    out = run_py("--help").stdout
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()
+            if line.split() and line.split()[0] in ("gdino", "mask_gdino", "mal")}
+    header = next(line.split() for line in out.splitlines() if line.split()[:2] == ["train", "evaluate"])
+    for model, marks in rows.items():
+        for action, mark in zip(header, marks):
+            assert (mark == "x") == ((model, action) in RECIPES), (model, action)
+    assert rows["mal"][header.index("visualize")] == "-" and rows["gdino"][header.index("train")] == "x"

@@ -11,12 +11,8 @@ import torch
 
 from conftest import SMALL_SYNTHETIC, run_py
 from groundlab.data.build import build_grounding_dataset
-from groundlab.data.errors import DataError, PromptOverflowError
-from groundlab.data.grounding_dataset import GroundingDataset
-from groundlab.data.odvg import read_odvg
+from groundlab.errors import DataError, PromptOverflowError
 from groundlab.data.sources import resolve_sources, synthetic_paths
-from groundlab.data.image_source import open_image_source
-from groundlab.data.transforms import build_eval_transforms
 
 
 @pytest.mark.parametrize("archive", [False, True])

@@ -8,7 +8,7 @@ import torch
 from conftest import TINY_GDINO
 from groundlab.models.gdino.criterion import build_criterion
 from groundlab.models.gdino.denoising import prepare_denoising
-from groundlab.models.gdino.model import GroundingDINO
+from groundlab.models.gdino.build import build_gdino
 
 
 def _targets(counts):
@@ -48,7 +48,7 @@ def test_crowded_images_are_capped():
 
 def test_model_and_criterion_with_denoising(compose):
     cfg = compose(TINY_GDINO + ["model.dn_number=8"])
-    model = GroundingDINO(cfg.model).train()
+    model = build_gdino(cfg.model).model.train()
     criterion = build_criterion(cfg.model)
     ids = torch.tensor([[101, 2417, 4418, 1012, 2630, 2675, 1012, 102]] * 2)
     targets = [{"boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]]), "phrase_ids": torch.tensor([1]), "num_phrases": 2,

@@ -8,16 +8,16 @@ import pytest
 import torch
 
 from conftest import TINY_GDINO
-from groundlab.data.captions import class_prompt
-from groundlab.data.tokens import PromptEncoder
-from groundlab.models.gdino.model import GroundingDINO
+from groundlab.text.captions import class_prompt
+from groundlab.text.tokens import PromptEncoder
+from groundlab.models.gdino.build import build_gdino
 
 
 @pytest.fixture(scope="module")
 def tiny(compose, tokenizer):
     torch.manual_seed(0)
     cfg = compose(TINY_GDINO)
-    model = GroundingDINO(cfg.model).eval()
+    model = build_gdino(cfg.model).model.eval()
     enc = PromptEncoder(tokenizer, cfg.model.max_text_len)
     text = enc.encode([class_prompt(["cat", "race car"]), class_prompt(["dog", "car", "bird"])])
     images = torch.randn(2, 3, 96, 128)

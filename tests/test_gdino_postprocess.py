@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from groundlab.data.captions import chunk_class_prompts, class_prompt
-from groundlab.data.tokens import PromptEncoder
+from groundlab.text.captions import chunk_class_prompts, class_prompt
+from groundlab.text.tokens import PromptEncoder
 from groundlab.models.gdino.postprocess import (
     GroundingPostProcessor, class_scores, merge_chunk_results, phrases_from_token_probs, select_free_form,
 )
@@ -151,7 +151,7 @@ def test_merge_of_two_chunks_equals_one_unchunked_prompt(encoder):
 
 
 def test_merge_maps_local_labels_to_global_class_ids():
-    from groundlab.data.captions import ChunkedPrompts
+    from groundlab.text.captions import ChunkedPrompts
 
     chunked = ChunkedPrompts((class_prompt(["a", "b"]), class_prompt(["c"])), ((0, 1), (2,)))
     r0 = {"scores": torch.tensor([0.5, 0.2]), "labels": torch.tensor([1, 0]), "boxes": torch.zeros(2, 4)}

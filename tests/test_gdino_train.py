@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY_GDINO
-from groundlab.data.errors import DataError
+from groundlab.errors import DataError
 from groundlab.runner import run_action
 
 # the quickstart recipe on the tiny model and a small synthetic set

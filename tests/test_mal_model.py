@@ -8,7 +8,8 @@ import torch
 
 from groundlab.models.mal.criterion import dice_loss, mil_loss
 from groundlab.models.mal.mean_field import MeanFieldCRF
-from groundlab.models.mal.network import MALNetwork, area_bucket
+from groundlab.models.mal.network import MALNetwork
+from groundlab.ops.area_buckets import area_bucket
 from groundlab.models.mal.vit_backbone import ViTBackbone
 from groundlab.models.mal.vit_weights import load_mae_weights
 

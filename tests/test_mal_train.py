@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from groundlab.config import ConfigError
-from groundlab.data.errors import DataError
+from groundlab.errors import DataError
 from groundlab.runner import run_action
 
 TINY_MAL = ["experiment=mal_quickstart", "train.max_time_minutes=null",
@@ -26,8 +26,8 @@ def trained(compose, tmp_path_factory):
     cfg = compose(TINY_MAL + ["train.num_epochs=3"], results_dir=str(run_dir))
     import lightning as L
 
-    from groundlab.data.mal_datamodule import MALDataModule
-    from groundlab.models.mal.lightning_module import MALLightning
+    from groundlab.engine.mal_data import MALDataModule
+    from groundlab.engine.mal_module import MALLightning
 
     L.seed_everything(cfg.seed)
     dm = MALDataModule(cfg).prepare()

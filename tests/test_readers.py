@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from groundlab.data.coco import read_coco
-from groundlab.data.errors import DataError
+from groundlab.errors import DataError
 from groundlab.data.image_source import open_image_source
-from groundlab.data.masks import decode_segmentation, encode_mask
+from groundlab.ops.masks import decode_segmentation, encode_mask
 from groundlab.data.odvg import read_odvg
 from groundlab.data.raw import list_raw, open_sources, read_coco_raw
 from groundlab.data.sources import load_source

@@ -1,4 +1,5 @@
-"""Runs one composed config: cross-field checks, seeding, the run record, then the action."""
+"""Runs one composed config: cross-field checks, the (model, action) recipe, seeding, the run record, then
+the recipe's function."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from typing import Dict, Optional
 
 from omegaconf import DictConfig
 
-from groundlab.actions import get_action
 from groundlab.config import ConfigError, check_config
+from groundlab.recipes import get_recipe
 from groundlab.run_record import write_run_record
 
 log = logging.getLogger(__name__)
@@ -17,9 +18,9 @@ __all__ = ["ConfigError", "monitored", "run_action"]
 
 
 def run_action(cfg: DictConfig) -> Dict[str, float]:
-    """Check `cfg`, seed everything, write the run record, run the action; return its metrics."""
+    """Check `cfg`, seed everything, write the run record, run the recipe; return its metrics."""
+    action = get_recipe(cfg)
     check_config(cfg)
-    action = get_action(cfg.action.name)
     import torch  # after the checks: a config error must not pay torch's import
 
     torch.manual_seed(cfg.seed)

@@ -15,11 +15,12 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from groundlab.config import ConfigError
-from groundlab.data.captions import chunk_class_prompts
+from groundlab.text.captions import chunk_class_prompts
 from groundlab.data.collate import GroundingCollator
 from groundlab.data.grounding_dataset import GroundingDataset
 from groundlab.data.sources import load_split
-from groundlab.data.tokens import PromptEncoder, load_tokenizer
+from groundlab.text.tokenizer import load_tokenizer
+from groundlab.text.tokens import PromptEncoder
 from groundlab.data.transforms import build_eval_transforms
 from groundlab.eval.coco_eval import CocoEvaluator, write_results_json
 from groundlab.models.gdino.build import build_gdino

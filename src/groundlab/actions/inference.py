@@ -19,13 +19,14 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from groundlab.config import ConfigError
-from groundlab.data.captions import ChunkedPrompts, chunk_class_prompts
+from groundlab.text.captions import ChunkedPrompts, chunk_class_prompts
 from groundlab.data.collate import pad_images
 from groundlab.data.image_decode import decode_rgb
 from groundlab.data.odvg import read_label_map
 from groundlab.data.raw import InferenceDataset, InferItem, caption_prompt, list_raw, open_sources, read_coco_raw
 from groundlab.data.sources import synthetic_paths
-from groundlab.data.tokens import PromptEncoder, load_tokenizer
+from groundlab.text.tokenizer import load_tokenizer
+from groundlab.text.tokens import PromptEncoder
 from groundlab.data.transforms import build_eval_transforms
 from groundlab.deploy.writers import CocoResultsWriter, draw_detections, write_kitti
 from groundlab.models.gdino.build import build_gdino

@@ -15,13 +15,14 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from groundlab.config import ConfigError
-from groundlab.data.mal_datamodule import mal_paths, read_split
+from groundlab.data.mal_sources import mal_paths, read_split
 from groundlab.data.mal_dataset import MALCropDataset, collate_crops
 from groundlab.eval.coco_eval import write_results_json
 from groundlab.eval.mask_miou import MaskIoUMeter
 from groundlab.models.mal.build import load_mal_network
 from groundlab.models.mal.postprocess import MALPostProcessor
-from groundlab.models.mal.predictor import MALPredictor, score_batch
+from groundlab.eval.mask_miou import score_batch
+from groundlab.predict.mal import MALPredictor
 
 log = logging.getLogger(__name__)
 

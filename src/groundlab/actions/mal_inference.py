@@ -22,17 +22,17 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from groundlab.actions.mal_evaluate import checkpoint_crop_size, load_predictor
-from groundlab.atomic_write import atomic_write_text
+from groundlab.ops.atomic_write import atomic_write_text
 from groundlab.config import ConfigError
 from groundlab.data.image_decode import decode_rgb
-from groundlab.data.mal_datamodule import mal_paths, open_source
+from groundlab.data.mal_sources import mal_paths, open_source
 from groundlab.data.mal_dataset import MALCropDataset, collate_crops
 from groundlab.data.mal_instances import read_mal_instances
-from groundlab.data.masks import encode_mask
+from groundlab.ops.masks import encode_mask
 from groundlab.deploy.mask_overlay import overlay_masks
 from groundlab.eval.mask_miou import MaskIoUMeter
 from groundlab.models.mal.postprocess import MALPostProcessor
-from groundlab.models.mal.predictor import score_batch
+from groundlab.eval.mask_miou import score_batch
 
 log = logging.getLogger(__name__)
 

@@ -32,9 +32,9 @@ def run(cfg: DictConfig) -> Dict[str, float]:
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     from groundlab.actions.train import trainer_devices
-    from groundlab.data.mal_datamodule import MALDataModule
-    from groundlab.models.run_checkpoints import GroundlabCheckpoint, find_resume_checkpoint
-    from groundlab.models.mal.lightning_module import MALLightning
+    from groundlab.engine.mal_data import MALDataModule
+    from groundlab.engine.checkpoint_files import GroundlabCheckpoint, find_resume_checkpoint
+    from groundlab.engine.mal_module import MALLightning
 
     train, run_dir = cfg.train, cfg.results_dir
     L.seed_everything(cfg.seed, workers=True)

@@ -49,9 +49,9 @@ def run(cfg: DictConfig) -> Dict[str, float]:
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-    from groundlab.data.datamodule import GroundingDataModule
-    from groundlab.models.run_checkpoints import GroundlabCheckpoint, find_resume_checkpoint
-    from groundlab.models.gdino.lightning_module import GDinoLightning
+    from groundlab.engine.gdino_data import GroundingDataModule
+    from groundlab.engine.checkpoint_files import GroundlabCheckpoint, find_resume_checkpoint
+    from groundlab.engine.gdino_module import GDinoLightning
 
     train = cfg.train
     if train.precision not in PRECISION:

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from PIL import Image, ImageDraw
 
 from groundlab.data.build import build_grounding_dataset
-from groundlab.models.common.box_ops import box_cxcywh_to_xyxy
+from groundlab.ops.boxes import box_cxcywh_to_xyxy
 from groundlab.data.grounding_dataset import sample_prompt_text
 
 log = logging.getLogger(__name__)

@@ -57,8 +57,6 @@ def _check_dataset(cfg: DictConfig, errors: List[str]) -> None:
         )
         return
     if model == "mal":
-        if cfg.action.name == "visualize":
-            errors.append("action=visualize draws Grounding DINO datasets; use model=gdino or model=mask_gdino.")
         if d.min_obj_size > d.max_obj_size:
             errors.append(f"dataset.min_obj_size={d.min_obj_size} exceeds dataset.max_obj_size={d.max_obj_size}.")
         return

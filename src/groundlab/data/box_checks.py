@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any, List, Optional
 
-from groundlab.data.errors import DataError
+from groundlab.errors import DataError
 from groundlab.data.read_stats import ReadStats
 
 

@@ -7,10 +7,11 @@ from typing import Tuple
 from omegaconf import DictConfig
 
 from groundlab.data.collate import GroundingCollator
-from groundlab.data.errors import DataError
+from groundlab.errors import DataError
 from groundlab.data.grounding_dataset import GroundingDataset
 from groundlab.data.sources import load_split
-from groundlab.data.tokens import PromptEncoder, load_tokenizer
+from groundlab.text.tokenizer import load_tokenizer
+from groundlab.text.tokens import PromptEncoder
 from groundlab.data.transforms import build_eval_transforms, build_train_transforms
 
 

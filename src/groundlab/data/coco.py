@@ -11,10 +11,10 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Tuple
 
 from groundlab.data.box_checks import clean_box, parse_box
-from groundlab.data.errors import DataError
+from groundlab.errors import DataError
 from groundlab.data.image_source import ImageSource
 from groundlab.data.json_files import load_json
-from groundlab.data.masks import check_segmentation
+from groundlab.ops.masks import check_segmentation
 from groundlab.data.read_stats import ReadStats
 from groundlab.data.record_index import RecordIndex
 

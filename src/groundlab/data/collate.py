@@ -6,7 +6,7 @@ from typing import Any, Dict, List
 
 import torch
 
-from groundlab.data.tokens import PromptEncoder
+from groundlab.text.tokens import PromptEncoder
 
 
 def pad_images(images: List[torch.Tensor], size_divisibility: int = 0):

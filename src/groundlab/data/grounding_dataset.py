@@ -13,15 +13,15 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from groundlab.data.captions import (
+from groundlab.text.captions import (
     Prompt, class_prompt, grounding_prompt, prompt_token_len, sample_detection_prompt,
 )
-from groundlab.data.errors import DataError
+from groundlab.errors import DataError
 from groundlab.data.image_decode import decode_rgb
 from groundlab.data.image_source import ImageSource
-from groundlab.data.masks import decode_segmentation
+from groundlab.ops.masks import decode_segmentation
 from groundlab.data.record_index import RecordIndex
-from groundlab.data.tokens import PromptEncoder
+from groundlab.text.tokens import PromptEncoder
 from groundlab.data.transforms import PER_BOX_KEYS
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, Dict, Iterator, Tuple
 
-from groundlab.data.errors import DataError
+from groundlab.errors import DataError
 
 
 def load_json(path: str, what: str = "annotation file") -> Any:

@@ -19,7 +19,7 @@ from groundlab.data.image_source import ImageSource
 from groundlab.data.mal_augment import StudentAugment
 from groundlab.data.mal_crops import box_mask_in_crop, crop_resized, expand_box, random_margins, eval_margins
 from groundlab.data.mal_instances import MALInstances
-from groundlab.data.masks import decode_segmentation
+from groundlab.ops.masks import decode_segmentation
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # MAE was pretrained with these
 IMAGENET_STD = (0.229, 0.224, 0.225)

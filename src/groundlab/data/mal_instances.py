@@ -12,9 +12,9 @@ from typing import Any, Dict, List, Optional
 
 from groundlab.data.box_checks import parse_box
 from groundlab.data.coco import load_coco_json
-from groundlab.data.errors import DataError
+from groundlab.errors import DataError
 from groundlab.data.image_source import ImageSource
-from groundlab.data.masks import check_segmentation
+from groundlab.ops.masks import check_segmentation
 from groundlab.data.record_index import RecordIndex
 
 log = logging.getLogger(__name__)

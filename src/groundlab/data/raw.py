@@ -9,8 +9,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from groundlab.data.captions import Prompt, Span
-from groundlab.data.errors import DataError
+from groundlab.text.captions import Prompt, Span
+from groundlab.errors import DataError
 from groundlab.data.image_decode import decode_rgb
 from groundlab.data.image_source import ImageSource, ImageSourceError, open_image_source
 from groundlab.data.json_files import iter_jsonl

@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from groundlab.data.coco import read_coco
-from groundlab.data.errors import DataError
+from groundlab.errors import DataError
 from groundlab.data.grounding_dataset import AnnotatedSource
 from groundlab.data.image_source import ImageSourceError, open_image_source
 from groundlab.data.odvg import read_odvg

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from groundlab.models.common.box_ops import box_xyxy_to_cxcywh
+from groundlab.ops.boxes import box_xyxy_to_cxcywh
 
 Target = Dict[str, torch.Tensor]
 PER_BOX_KEYS = ("boxes", "masks", "labels", "phrase_ids", "iscrowd", "areas")

@@ -14,7 +14,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import numpy as np
 from PIL import Image, ImageColor, ImageDraw
 
-from groundlab.atomic_write import atomic_write_text
+from groundlab.ops.atomic_write import atomic_write_text
 
 # Distinct, saturated colours for boxes of classes that the color map does not name (by label).
 PALETTE = ["#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6",

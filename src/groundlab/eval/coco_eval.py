@@ -30,7 +30,7 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from groundlab.atomic_write import atomic_write_text
+from groundlab.ops.atomic_write import atomic_write_text
 
 # COCOeval.stats in its order (summarize() prints them in this order too).
 STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]

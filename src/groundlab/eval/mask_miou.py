@@ -4,13 +4,13 @@ classes of the per-class mean IoU (classes without boxes left out), overall and 
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from groundlab.models.mal.network import area_bucket
+from groundlab.ops.area_buckets import BUCKET_NAMES, area_bucket
 
-BUCKETS = ("small", "medium", "large")
+BUCKETS = BUCKET_NAMES
 
 
 def mask_iou(pred: torch.Tensor, gt_crop: torch.Tensor, gt_area: float) -> float:
@@ -60,3 +60,10 @@ class MaskIoUMeter:
         out["per_class"] = {names[c]: {"mIoU": float(self.total[0, c] / self.count[0, c]), "count": int(self.count[0, c])}
                             for c in range(self.num_classes) if self.count[0, c] > 0}
         return out
+
+
+def score_batch(masks: List[Tuple[torch.Tensor, Any]], batch: Dict[str, Any], meter: MaskIoUMeter) -> List[float]:
+    """IoU of each pasted mask (MAL post-processor output: (region, place)) with the batch's gt_crop; adds them to `meter`."""
+    ious = [mask_iou(m, gt.cpu(), float(a)) for (m, _), gt, a in zip(masks, batch["gt_crop"], batch["gt_area"])]
+    meter.update(batch["label"].tolist(), ious, batch["area"])
+    return ious

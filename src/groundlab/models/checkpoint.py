@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from groundlab.atomic_write import atomic_write
+from groundlab.ops.atomic_write import atomic_write
 
 FORMAT = "groundlab"
 VERSION = 1

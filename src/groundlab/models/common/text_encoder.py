@@ -10,12 +10,12 @@ from torch import nn
 def build_bert(name: str, pretrained: bool = True, overrides: Optional[Mapping[str, Any]] = None) -> nn.Module:
     """A transformers BertModel without pooler.
 
-    name: `model.text_encoder_type` (resolved by groundlab.data.tokens.resolve_text_encoder).
+    name: `model.text_encoder_type` (resolved by groundlab.text.tokenizer.resolve_text_encoder).
     pretrained: load its weights (False: random weights of that architecture).
     overrides: config fields to change (any override implies random weights: the shapes may differ)."""
     from transformers import AutoConfig, BertModel
 
-    from groundlab.data.tokens import resolve_text_encoder
+    from groundlab.text.tokenizer import resolve_text_encoder
 
     path = resolve_text_encoder(name)
     try:

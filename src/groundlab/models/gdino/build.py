@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from groundlab.config.schema_model import GDinoModelConfig
 from groundlab.models.checkpoint import is_groundlab_checkpoint, save_checkpoint
 from groundlab.models.gdino.model import GroundingDINO
+from groundlab.text.tokenizer import load_tokenizer, special_token_ids
 from groundlab.models.gdino.weights import (
     LoadReport, checkpoint_state, hf_text_config, hf_weights_file, load_state, load_weights, model_config_from_hf,
 )
@@ -41,17 +42,22 @@ def _bert_from_config(config: Dict[str, Any]):
     return BertModel(BertConfig(**clean), add_pooling_layer=False)
 
 
+def phrase_delimiters(model_cfg: DictConfig) -> List[int]:
+    """Special token ids of `model.text_encoder_type`'s vocab; TextEncoderNotFound names the path tried."""
+    return special_token_ids(load_tokenizer(model_cfg.text_encoder_type))
+
+
 def build_gdino(model_cfg: DictConfig, checkpoint: Optional[str] = None) -> BuiltModel:
     """The model of `model_cfg` with random weights, or of `checkpoint`:
     groundlab .pth -> its stored config; HF directory -> its config.json; IDEA .pth -> `model_cfg`."""
     if checkpoint is None:
-        return BuiltModel(GroundingDINO(model_cfg), model_cfg, None, None)
+        return BuiltModel(GroundingDINO(model_cfg, phrase_delimiters(model_cfg)), model_cfg, None, None)
     path = os.path.expanduser(checkpoint)
     if os.path.isdir(path) and hf_weights_file(path) and os.path.isfile(os.path.join(path, "config.json")):
         cfg = typed_model_config(model_config_from_hf(path))
         from transformers import BertModel
 
-        model = GroundingDINO(cfg, bert=BertModel(hf_text_config(path), add_pooling_layer=False))
+        model = GroundingDINO(cfg, phrase_delimiters(cfg), bert=BertModel(hf_text_config(path), add_pooling_layer=False))
         report = load_weights(model, path)
         log.info(report.summary())
         return BuiltModel(model, cfg, None, report)
@@ -63,13 +69,13 @@ def build_gdino(model_cfg: DictConfig, checkpoint: Optional[str] = None) -> Buil
         bert = _bert_from_config(obj["text_config"]) if obj.get("text_config") else None
         if bert is None:
             cfg.text_encoder_pretrained = False
-        model = GroundingDINO(cfg, bert=bert)
+        model = GroundingDINO(cfg, phrase_delimiters(cfg), bert=bert)
         report = load_state(model, checkpoint_state(obj), path, "groundlab")
         log.info(report.summary())
         return BuiltModel(model, cfg, obj.get("class_names"), report)
     cfg = model_cfg.copy()
     cfg.text_encoder_pretrained = False  # the checkpoint carries the text encoder's weights
-    model = GroundingDINO(cfg)
+    model = GroundingDINO(cfg, phrase_delimiters(cfg))
     report = load_weights(model, path)
     log.info(report.summary())
     return BuiltModel(model, cfg, None, report)

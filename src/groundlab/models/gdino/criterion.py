@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from groundlab.models.common.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from groundlab.ops.boxes import box_cxcywh_to_xyxy, generalized_box_iou
 from groundlab.models.gdino.matcher import HungarianMatcher, Indices
 
 LOSS_KEYS = {"labels": ("loss_ce",), "boxes": ("loss_bbox", "loss_giou")}

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from groundlab.models.common.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
+from groundlab.ops.boxes import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from groundlab.models.common.position_encoding import inverse_sigmoid
 
 

@@ -27,7 +27,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from groundlab.models.common.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from groundlab.ops.boxes import box_cxcywh_to_xyxy, generalized_box_iou
 from groundlab.models.gdino.postprocess import normalize_positive_map
 
 Indices = List[Tuple[Tensor, Tensor]]

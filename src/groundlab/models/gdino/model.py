@@ -8,12 +8,12 @@ under `backbone.body.` with transformers' own backbone names (groundlab's Swin k
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
-from groundlab.data.tokens import SPECIAL_TOKENS, sub_sentence_masks
+from groundlab.text.tokens import sub_sentence_masks
 from groundlab.models.common.backbone import ImageBackbone
 from groundlab.models.common.backbone_weights import load_backbone_weights
 from groundlab.models.common.mlp import MLP
@@ -38,7 +38,7 @@ class GroundingDINO(nn.Module):
 
     cfg: the `model` config (GDinoModelConfig fields)."""
 
-    def __init__(self, cfg, bert: Optional[nn.Module] = None):
+    def __init__(self, cfg, special_token_ids: Sequence[int], bert: Optional[nn.Module] = None):
         super().__init__()
         self.cfg = cfg
         d = cfg.hidden_dim
@@ -69,8 +69,9 @@ class GroundingDINO(nn.Module):
         self.dn_number = int(cfg.get("dn_number", 0))
         if self.dn_number > 0:
             self.label_enc = nn.Embedding(cfg.dn_labelbook_size + 1, d)
-        self.register_buffer("special_token_ids", torch.tensor([101, 102, 1012, 1029]), persistent=False)
-        self._set_special_tokens()
+        # phrase delimiters of this text encoder's vocab, for callers that give no sub-sentence mask
+        self.register_buffer("special_token_ids", torch.tensor(list(special_token_ids), dtype=torch.long),
+                             persistent=False)
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Recompute Swin blocks and encoder/decoder layers in backward instead of storing their activations
@@ -78,17 +79,6 @@ class GroundingDINO(nn.Module):
         self.backbone.set_activation_checkpointing(enabled)
         self.transformer.encoder.use_checkpoint = enabled
         self.transformer.decoder.use_checkpoint = enabled
-
-    def _set_special_tokens(self) -> None:
-        """Phrase delimiters ([CLS], [SEP], ".", "?") of this text encoder's vocabulary."""
-        try:
-            from groundlab.data.tokens import load_tokenizer
-
-            tok = load_tokenizer(self.cfg.text_encoder_type)
-            ids = [i for i in tok.convert_tokens_to_ids(list(SPECIAL_TOKENS)) if i != tok.unk_token_id]
-            self.special_token_ids = torch.tensor(ids)
-        except OSError:
-            pass  # no tokenizer files: keep the bert-base-uncased ids
 
     def _input_projections(self, num_levels: int, d: int) -> nn.ModuleList:
         """1x1 conv + GroupNorm per backbone level; 3x3 stride-2 convs for the extra levels."""

@@ -23,9 +23,9 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from groundlab.data.captions import ChunkedPrompts
-from groundlab.data.tokens import SPECIAL_TOKENS
-from groundlab.models.common.box_ops import batched_nms, box_cxcywh_to_xyxy
+from groundlab.text.captions import ChunkedPrompts
+from groundlab.text.tokenizer import special_token_ids
+from groundlab.ops.boxes import batched_nms, box_cxcywh_to_xyxy
 
 Result = Dict[str, Tensor]
 
@@ -157,8 +157,7 @@ def merge_chunk_results(
 
 def _excluded_token_ids(tokenizer) -> List[int]:
     """Token ids that never name anything: [CLS], [SEP], ".", "?" and padding."""
-    ids = tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS))
-    ids = [i for i in ids if i is not None and i != tokenizer.unk_token_id]
+    ids = special_token_ids(tokenizer)
     if tokenizer.pad_token_id is not None:
         ids.append(tokenizer.pad_token_id)
     return ids

@@ -15,14 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from groundlab.models.mal.vit_backbone import ViTBackbone
-
-AREA_BUCKETS = ((0.0, 32.0 ** 2), (32.0 ** 2, 96.0 ** 2), (96.0 ** 2, float("inf")))
-
-
-def area_bucket(areas: torch.Tensor) -> torch.Tensor:
-    """(N,) box areas in original-image pixels -> (N,) bucket index 0 small / 1 medium / 2 large."""
-    return (areas > AREA_BUCKETS[0][1]).long() + (areas > AREA_BUCKETS[1][1]).long()
-
+from groundlab.ops.area_buckets import BUCKET_NAMES, area_bucket
 
 class KernelHead(nn.Module):
     """(N, C, h, w) features -> (N, D) instance kernel: global mean pool, Linear-ReLU-Linear."""
@@ -88,7 +81,7 @@ class MALNetwork(nn.Module):
             return self._logits(feat, kernel, self.scale_pre, out_size)
         buckets = area_bucket(box_areas)
         out = feat.new_zeros((feat.shape[0], 1) + out_size)
-        for b in range(len(AREA_BUCKETS)):
+        for b in range(len(BUCKET_NAMES)):
             sel = (buckets == b).nonzero().flatten()
             if len(sel):
                 logits = self._logits(feat[sel], kernel[sel], self.scale_pre * 2.0 ** (b - 1), out_size)

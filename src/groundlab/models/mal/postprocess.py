@@ -7,8 +7,8 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import nn
 
-from groundlab.data.mal_crops import paste_mask
-from groundlab.models.mal.network import area_bucket
+from groundlab.ops.area_buckets import area_bucket
+from groundlab.ops.paste import paste_mask
 
 
 class MALPostProcessor(nn.Module):

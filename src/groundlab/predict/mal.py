@@ -1,15 +1,14 @@
 """Mask logits for evaluation and inference from the student, the teacher or their average
 (TAO `use_teacher_test` / `use_mixed_model_test`), optionally averaged with the mirrored crop
-(`use_flip_test`); and the scoring of a batch's masks against its true masks."""
+(`use_flip_test`)."""
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import nn
 
-from groundlab.eval.mask_miou import MaskIoUMeter, mask_iou
 from groundlab.models.mal.network import MALNetwork
 
 
@@ -33,10 +32,3 @@ class MALPredictor(nn.Module):
         if self.flip:
             logits = (logits + self._once(images.flip(-1), areas).flip(-1)) / 2
         return logits
-
-
-def score_batch(masks: List[Tuple[torch.Tensor, Any]], batch: Dict[str, Any], meter: MaskIoUMeter) -> List[float]:
-    """IoU of each pasted mask (MALPostProcessor output) with the batch's gt_crop; adds them to `meter`."""
-    ious = [mask_iou(m, gt.cpu(), float(a)) for (m, _), gt, a in zip(masks, batch["gt_crop"], batch["gt_area"])]
-    meter.update(batch["label"].tolist(), ious, batch["area"])
-    return ious

@@ -10,10 +10,10 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from groundlab.data.captions import chunk_class_prompts
+from groundlab.text.captions import chunk_class_prompts
 from groundlab.eval.coco_eval import CocoEvaluator
 from groundlab.models.checkpoint import FORMAT, VERSION
-from groundlab.models.finite_loss import check_finite_loss
+from groundlab.engine.finite_loss import check_finite_loss
 from groundlab.models.gdino.build import build_gdino
 from groundlab.models.gdino.criterion import build_criterion
 from groundlab.models.gdino.optim import build_optimizer, lr_lambda

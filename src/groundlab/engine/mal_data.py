@@ -3,54 +3,13 @@
 
 from __future__ import annotations
 
-import os
-from typing import Dict
-
 import lightning as L
 import torch
 from omegaconf import DictConfig
 
-from groundlab.data.errors import DataError
-from groundlab.data.image_source import ImageSourceError, open_image_source
 from groundlab.data.mal_dataset import MALCropDataset, collate_crops
-from groundlab.data.mal_instances import read_mal_instances
-from groundlab.data.sources import synthetic_paths
-
-
-def mal_paths(cfg: DictConfig) -> Dict[str, str]:
-    """{"train_ann", "train_img", "val_ann", "val_img"} of dataset=mal_coco, or of the generated synthetic
-    dataset (box-only train json, val json with masks) for dataset=mal_synthetic."""
-    d = cfg.dataset
-    if d.type == "mal_synthetic":
-        p = synthetic_paths(d, cfg.cache_dir)
-        return {"train_ann": p.train_coco_boxes, "train_img": p.train_images, "val_ann": p.val_coco,
-                "val_img": p.val_images}
-    return {"train_ann": d.train_ann_path, "train_img": d.train_img_dir, "val_ann": d.val_ann_path,
-            "val_img": d.val_img_dir}
-
-
-def open_source(path: str, key: str, cache_dir: str):
-    if not path:
-        raise DataError(f"{key} is empty: give the image folder or .tar/.tar.gz")
-    try:
-        return open_image_source(os.path.expanduser(path), os.path.join(cache_dir, "archives"))
-    except ImageSourceError as e:
-        raise DataError(f"{key}: {e}") from None
-
-
-def read_split(cfg: DictConfig, ann: str, img: str, key: str, train: bool) -> tuple:
-    """(MALInstances, image source) of one split; training applies min/max_obj_size, evaluation needs masks."""
-    d = cfg.dataset
-    if not ann:
-        raise DataError(f"dataset.{key}_ann_path is empty")
-    source = open_source(img, f"dataset.{key}_img_dir", cfg.cache_dir)
-    if train:
-        inst = read_mal_instances(ann, source, d.min_obj_size, d.max_obj_size, skip_missing=d.skip_missing_images)
-    else:
-        inst = read_mal_instances(ann, source, need_masks=True, skip_missing=d.skip_missing_images)
-    if len(inst.instances) == 0:
-        raise DataError(f"no usable box in dataset.{key}_ann_path ({inst.summary()})", ann)
-    return inst, source
+from groundlab.data.mal_sources import mal_paths, read_split
+from groundlab.errors import DataError
 
 
 class MALDataModule(L.LightningDataModule):

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from groundlab.data.errors import DataError
+from groundlab.errors import DataError
 
 
 def check_segmentation(seg: Any, where: Optional[str] = None) -> None:

@@ -13,7 +13,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from groundlab.data.errors import DataError, PromptOverflowError
+from groundlab.errors import DataError, PromptOverflowError
 
 Span = Tuple[int, int]  # [start, end) character offsets into Prompt.text
 

@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig
 
 from groundlab.data.build import build_grounding_dataset, build_prompt_encoder
-from groundlab.data.errors import DataError
+from groundlab.errors import DataError
 
 
 class GroundingDataModule(L.LightningDataModule):

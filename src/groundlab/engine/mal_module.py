@@ -15,11 +15,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from groundlab.eval.mask_miou import MaskIoUMeter
 from groundlab.models.checkpoint import FORMAT, VERSION, load_checkpoint
-from groundlab.models.finite_loss import check_finite_loss
+from groundlab.engine.finite_loss import check_finite_loss
 from groundlab.models.mal.build import build_mal_network, network_state
 from groundlab.models.mal.criterion import MALCriterion
 from groundlab.models.mal.postprocess import MALPostProcessor
-from groundlab.models.mal.predictor import MALPredictor, score_batch
+from groundlab.eval.mask_miou import score_batch
+from groundlab.predict.mal import MALPredictor
 from groundlab.models.mal.vit_weights import load_mae_weights
 
 log = logging.getLogger(__name__)

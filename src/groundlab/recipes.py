@@ -1,0 +1,75 @@
+"""The one table of what runs: (model, action) -> the function that runs it, as "module:function" strings so
+choosing a pair imports only what it needs. Actions never test model names; a new model or backend adds rows.
+
+`python run.py --help` prints this table as a matrix; an unsupported pair fails at start-up naming the pairs
+that exist.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Dict, List, Tuple
+
+from omegaconf import DictConfig
+
+from groundlab.config import ConfigError
+
+MODELS = ("gdino", "mask_gdino", "mal")
+ACTIONS = ("train", "evaluate", "inference", "visualize", "export", "quantize", "trt")
+
+RECIPES: Dict[Tuple[str, str], str] = {
+    ("gdino", "train"): "groundlab.actions.train:train_gdino",
+    ("gdino", "evaluate"): "groundlab.actions.evaluate:run",
+    ("gdino", "inference"): "groundlab.actions.inference:run",
+    ("gdino", "visualize"): "groundlab.actions.visualize:run",
+    # Mask Grounding DINO trains, evaluates and infers as Grounding DINO until its mask head lands (issue 11)
+    ("mask_gdino", "train"): "groundlab.actions.train:train_gdino",
+    ("mask_gdino", "evaluate"): "groundlab.actions.evaluate:run",
+    ("mask_gdino", "inference"): "groundlab.actions.inference:run",
+    ("mask_gdino", "visualize"): "groundlab.actions.visualize:run",
+    ("mal", "train"): "groundlab.actions.train:train_mal",
+    ("mal", "evaluate"): "groundlab.actions.mal_evaluate:run",
+    ("mal", "inference"): "groundlab.actions.mal_inference:run",
+}
+
+# one line per action for --help
+ACTION_HELP = {
+    "train": "train (checkpoints, exact resume with the same command, validation each interval)",
+    "evaluate": "metrics of a checkpoint on an annotated split, written to results.json",
+    "inference": "predictions on images or boxes: annotated images, KITTI / COCO json, masks",
+    "visualize": "draw a dataset's ground truth as the data pipeline delivers it",
+    "export": "ONNX export (planned)",
+    "quantize": "INT8 / FP8 quantization (planned)",
+    "trt": "TensorRT engine build (planned)",
+}
+
+
+def supported_pairs() -> List[str]:
+    return [f"model={m} action={a}" for m in MODELS for a in ACTIONS if (m, a) in RECIPES]
+
+
+def check_recipe(model: str, action: str) -> None:
+    """ConfigError with one sentence naming the pairs that exist, for a pair without a recipe."""
+    if (model, action) not in RECIPES:
+        pairs = ", ".join(f"{a}" for m, a in RECIPES if m == model)
+        raise ConfigError(
+            f"model={model} action={action} does not exist; model={model} supports action={{{pairs}}} "
+            f"(every pair: python run.py --help).")
+
+
+def get_recipe(cfg: DictConfig) -> Callable[[DictConfig], Dict[str, float]]:
+    """The function that runs cfg.model.name x cfg.action.name."""
+    check_recipe(cfg.model.name, cfg.action.name)
+    module, function = RECIPES[(cfg.model.name, cfg.action.name)].split(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def matrix() -> str:
+    """The model x action table for --help: `x` where a recipe exists, `-` where none does."""
+    width = max(len(m) for m in MODELS) + 2
+    head = " " * width + "  ".join(f"{a:<9}" for a in ACTIONS)
+    rows = [f"{m:<{width}}" + "  ".join(f"{'x' if (m, a) in RECIPES else '-':<9}" for a in ACTIONS)
+            for m in MODELS]
+    lines = [head.rstrip()] + [r.rstrip() for r in rows] + [""]
+    lines += [f"{a + ':':<11}{ACTION_HELP[a]}" for a in ACTIONS]
+    return "\n".join(lines)
