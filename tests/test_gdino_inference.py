@@ -80,15 +80,15 @@ def test_long_class_list_is_chunked_and_merged(compose, checkpoint, tmp_path, mo
     image_dir, _ = _images(tmp_path, False)
     names = ",".join(f"thing{i}" for i in range(120))  # > 256 tokens: several prompts
     prompts_seen = []
-    from groundlab.actions import inference as inference_action
+    from groundlab.predict.text_cache import TextCache
 
-    original = inference_action.TextCache.get
+    original = TextCache.get
 
     def spy(self, prompt):
         prompts_seen.append(prompt.text)
         return original(self, prompt)
 
-    monkeypatch.setattr(inference_action.TextCache, "get", spy)
+    monkeypatch.setattr(TextCache, "get", spy)
     cfg = compose(BASE + [f"inference.checkpoint={checkpoint}", f"dataset.infer_data_sources.image_dir=[{image_dir}]",
                           f"dataset.infer_data_sources.captions=[{names}]"], results_dir=str(tmp_path / "run"))
     run_action(cfg)

@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, TINY_GDINO
+from conftest import REPO, TINY_GDINO, run_py
 from groundlab.errors import DataError
 from groundlab.runner import run_action
 
@@ -27,31 +27,53 @@ TRAIN = ["experiment=quickstart", *TINY_GDINO, "dataset.synthetic.num_train=16",
          "dataset.augmentation.train_random_crop_max=64"]
 
 
-def test_checkpoints_and_kill_then_resume_with_the_same_command(tmp_path):
-    run_dir = tmp_path / "run"
-    cmd = [sys.executable, str(REPO / "run.py"), *TRAIN, "train.num_epochs=4", "train.checkpoint_interval=2",
-           "train.checkpoint_interval_unit=step", f"hydra.run.dir={run_dir}"]
+def _final_val_metrics(run_dir) -> dict:
+    """The last validation row of the CSV log (every resume appends to it)."""
+    import csv
+
+    rows = [r for r in csv.DictReader(open(run_dir / "logs" / "metrics.csv")) if r.get("val_mAP")]
+    return {k: float(rows[-1][k]) for k in ("val_mAP", "val_mAP50", "val_loss")}
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path):
+    """SIGKILL mid-epoch, the same command again: the run resumes from the latest checkpoint (optimizer,
+    schedule, random states, place in the epoch) and ends with the same weights and metrics as a run never
+    interrupted."""
+    def cmd(run_dir):
+        return [sys.executable, str(REPO / "run.py"), *TRAIN, "dataset.batch_size=4", "train.num_epochs=3",
+                "train.checkpoint_interval=2", "train.checkpoint_interval_unit=step", f"hydra.run.dir={run_dir}"]
+
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    whole = subprocess.run(cmd(tmp_path / "whole"), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]
+    run_dir = tmp_path / "killed"
+    first = subprocess.Popen(cmd(run_dir), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              start_new_session=True)
     deadline = time.time() + 240
-    while not glob.glob(str(run_dir / "model_epoch_*_step_00004.pth")) and time.time() < deadline:
+    while not glob.glob(str(run_dir / "model_epoch_*_step_00006.pth")) and time.time() < deadline:
         if first.poll() is not None:
             pytest.fail("training ended before it could be killed:\n" + first.stdout.read().decode()[-3000:])
-        time.sleep(0.2)
-    os.killpg(first.pid, signal.SIGKILL)  # mid-run, as a crash would
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)  # mid-epoch 2 (steps 5-8), as a crash would
     first.wait()
-    assert (run_dir / "gdino_model_latest.pth").exists()
+    killed_at = torch.load(run_dir / "gdino_model_latest.pth", map_location="cpu", weights_only=True)["global_step"]
+    assert 6 <= killed_at < 12
     for path in glob.glob(str(run_dir / "*.pth")):  # a kill may leave a .tmp, never a truncated .pth
         torch.load(path, map_location="cpu", weights_only=True)
-    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    second = subprocess.run(cmd(run_dir), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    log = second.stdout + second.stderr
-    assert "resuming from" in log
-    steps = sorted(int(p.split("_step_")[1][:5]) for p in glob.glob(str(run_dir / "model_epoch_*_step_*.pth")))
-    assert steps[-1] == 8  # 4 epochs x 2 steps: it finished
-    ckpt = torch.load(run_dir / "gdino_model_latest.pth", map_location="cpu", weights_only=True)
-    assert ckpt["format"] == "groundlab" and ckpt["global_step"] == 8 and ckpt["model_config"]["hidden_dim"] == 32
+    assert "resuming from" in second.stdout + second.stderr
+    a = torch.load(tmp_path / "whole" / "gdino_model_latest.pth", map_location="cpu", weights_only=True)
+    b = torch.load(run_dir / "gdino_model_latest.pth", map_location="cpu", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 12 and b["format"] == "groundlab"
+    for key, value in a["state_dict"].items():
+        assert torch.allclose(value.float(), b["state_dict"][key].float(), atol=1e-6), key
+    for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
+        assert torch.allclose(sa["exp_avg"], sb["exp_avg"], atol=1e-6)
+    assert a["lr_schedulers"] == b["lr_schedulers"]
+    whole_metrics, resumed_metrics = _final_val_metrics(tmp_path / "whole"), _final_val_metrics(run_dir)
+    assert resumed_metrics == pytest.approx(whole_metrics, abs=1e-6)
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(compose, tmp_path, monkeypatch):
@@ -152,3 +174,20 @@ def test_short_training_clearly_beats_the_untrained_model(compose, tmp_path):
                                 results_dir=str(tmp_path / "before")))["mAP50"]
     after = run_action(compose(base, results_dir=str(tmp_path / "train")))["val_mAP50"]
     assert after >= before + 0.05 and after >= 3 * before, (before, after)
+
+
+def test_bf16_trains_and_validates(tmp_path):
+    """train.precision=bf16 (bf16 autocast, here on the CPU): training steps and the COCO validation run (the
+    evaluator once failed on bf16 scores), and the checkpoint's weights stay fp32. In its own process: after other
+    training runs in the same process, oneDNN's CPU bf16 convolution was seen to return NaN for a finite input
+    (a torch kernel issue, not reproducible in a fresh process)."""
+    proc = run_py(*TRAIN, "train.num_epochs=1", "train.precision=bf16", f"hydra.run.dir={tmp_path}", timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    import csv
+
+    rows = [r for r in csv.DictReader(open(tmp_path / "logs" / "metrics.csv")) if r.get("val_mAP50")]
+    assert len(rows) == 1 and 0.0 <= float(rows[0]["val_mAP50"]) <= 1.0
+    assert torch.isfinite(torch.tensor(float(rows[0]["val_loss"])))
+    ckpt = torch.load(tmp_path / "gdino_model_latest.pth", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 2
+    assert {v.dtype for v in ckpt["state_dict"].values() if v.is_floating_point()} == {torch.float32}

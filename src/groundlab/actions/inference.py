@@ -1,6 +1,7 @@
 """action=inference for Grounding DINO: images from folders or tar archives, one class list for all images
 (`raw`, chunked into several prompts when longer than max_text_len and merged back) or a caption per image
-(`coco_raw`, phrases decoded from token probabilities). Each distinct prompt is encoded once.
+(`coco_raw`, phrases decoded from token probabilities; images with different captions run as one batch).
+The predictor encodes each distinct prompt once and runs the backbone once per image.
 
 Writes into <results_dir>/inference/: images_annotated/ (boxes, label, score), labels/ (KITTI, TAO layout),
 results.json (COCO detections) and images.json (the COCO images and categories they refer to).
@@ -19,18 +20,15 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from groundlab.config import ConfigError
-from groundlab.text.captions import ChunkedPrompts, chunk_class_prompts
 from groundlab.data.collate import pad_images
 from groundlab.data.image_decode import decode_rgb
 from groundlab.data.odvg import read_label_map
 from groundlab.data.raw import InferenceDataset, InferItem, caption_prompt, list_raw, open_sources, read_coco_raw
 from groundlab.data.sources import synthetic_paths
-from groundlab.text.tokenizer import load_tokenizer
-from groundlab.text.tokens import PromptEncoder
 from groundlab.data.transforms import build_eval_transforms
 from groundlab.deploy.writers import CocoResultsWriter, draw_detections, write_kitti
-from groundlab.models.gdino.build import build_gdino
-from groundlab.models.gdino.postprocess import GroundingPostProcessor, merge_chunk_results, select_free_form
+from groundlab.engine.devices import run_device
+from groundlab.predict.gdino import GDinoPredictor
 
 log = logging.getLogger(__name__)
 
@@ -55,53 +53,11 @@ def inference_inputs(cfg: DictConfig) -> Tuple[list, List[InferItem], Optional[L
     raise ConfigError("action=inference needs dataset.infer_data_sources.image_dir (folders or tar archives).")
 
 
-class TextCache:
-    """Encoded text per distinct prompt text, so BERT runs once per prompt, not once per image."""
-
-    def __init__(self, model, encoder: PromptEncoder, device):
-        self.model, self.encoder, self.device, self.cache = model, encoder, device, {}
-
-    def get(self, prompt) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-        """(encoded text (batch 1), positive map (P, max_text_len), input_ids (L,))."""
-        if prompt.text not in self.cache:
-            if len(self.cache) > 256:
-                self.cache.clear()
-            tok = self.encoder.encode([prompt])
-            t = {k: v.to(self.device) for k, v in tok.items() if torch.is_tensor(v)}
-            with torch.no_grad():
-                text = self.model.encode_text(t["input_ids"], t["attention_mask"], t["token_type_ids"],
-                                              t["position_ids"], t["text_self_attention_mask"])
-            self.cache[prompt.text] = (text, tok["positive_maps"][0], tok["input_ids"][0])
-        return self.cache[prompt.text]
-
-
 def _collate(items):
     images, padding = pad_images([it["image"] for it in items])
     return {"images": images, "padding_mask": padding, "orig_sizes": torch.stack([it["orig_size"] for it in items]),
             "captions": [it["caption"] for it in items], "sources": [it["source"] for it in items],
             "file_names": [it["file_name"] for it in items]}
-
-
-def _detect_classes(model, texts: TextCache, chunked: ChunkedPrompts, post, batch, device, inf) -> List[dict]:
-    per_chunk = []
-    for prompt in chunked.prompts:
-        text, pmap, _ = texts.get(prompt)
-        with torch.no_grad():
-            out = model.forward_with_text(batch["images"].to(device), text, batch["padding_mask"].to(device))
-        per_chunk.append(post(out, batch["orig_sizes"].to(device), pmap.to(device)))
-    return merge_chunk_results(per_chunk, chunked, post.num_select, inf.nms_threshold)
-
-
-def _detect_captions(model, texts: TextCache, tokenizer, batch, device, inf) -> List[dict]:
-    results = []
-    for b, caption in enumerate(batch["captions"]):
-        text, _, ids = texts.get(caption_prompt(caption))
-        with torch.no_grad():
-            out = model.forward_with_text(batch["images"][b : b + 1].to(device), text,
-                                          batch["padding_mask"][b : b + 1].to(device))
-        results += select_free_form(out, batch["orig_sizes"][b : b + 1].to(device), ids.to(device), tokenizer,
-                                    inf.conf_threshold, inf.text_threshold)
-    return results
 
 
 def _safe_relative(name: str) -> str:
@@ -112,35 +68,28 @@ def _safe_relative(name: str) -> str:
 
 def run(cfg: DictConfig) -> Dict[str, float]:
     inf = cfg.inference
-    if cfg.model.name == "mal":
-        from groundlab.actions.mal_inference import run as run_mal
-
-        return run_mal(cfg)
     if not inf.checkpoint:
         raise ConfigError("inference.checkpoint is required: a groundlab .pth, an HF Grounding DINO directory "
                           "or an IDEA-Research .pth.")
-    device = torch.device("cuda" if torch.cuda.is_available() and inf.num_gpus > 0 else "cpu")
-    built = build_gdino(cfg.model, inf.checkpoint)
-    model = built.model.to(device).eval()
-    tokenizer = load_tokenizer(built.config.text_encoder_type)
-    encoder = PromptEncoder(tokenizer, built.config.max_text_len)
+    predictor = GDinoPredictor.from_checkpoint(cfg.model, inf.checkpoint, run_device(inf.num_gpus, inf.gpu_ids))
     sources, items, class_names = inference_inputs(cfg)
-    chunked = chunk_class_prompts(class_names, encoder.name_len, built.config.max_text_len) if class_names else None
+    chunked = predictor.chunked(class_names) if class_names else None  # also checks every name fits a prompt
     dataset = InferenceDataset(sources, items, build_eval_transforms(cfg.dataset.augmentation))
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.dataset.batch_size, num_workers=cfg.dataset.workers,
                                          collate_fn=_collate)
     out_dir = os.path.join(cfg.results_dir, "inference")
-    post = GroundingPostProcessor(built.config.num_select, None)
-    texts = TextCache(model, encoder, device)
     coco = CocoResultsWriter(os.path.join(out_dir, "results.json"), conf_threshold=inf.conf_threshold)
     images_json: List[dict] = []
     phrase_ids: Dict[str, int] = {}
     total = 0
     for batch in tqdm(loader, desc="inference", unit="batch"):
         if chunked is not None:
-            results = _detect_classes(model, texts, chunked, post, batch, device, inf)
-        else:
-            results = _detect_captions(model, texts, tokenizer, batch, device, inf)
+            results = predictor.detect_classes(batch["images"], batch["padding_mask"], batch["orig_sizes"],
+                                               class_names, inf.nms_threshold)
+        else:  # a caption per image, the whole batch at once
+            results = predictor.detect_captions(batch["images"], batch["padding_mask"], batch["orig_sizes"],
+                                                [caption_prompt(c) for c in batch["captions"]],
+                                                inf.conf_threshold, inf.text_threshold)
         for b, result in enumerate(results):
             result = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in result.items()}
             names = class_names

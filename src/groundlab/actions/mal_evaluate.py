@@ -18,6 +18,7 @@ from groundlab.config import ConfigError
 from groundlab.data.mal_sources import mal_paths, read_split
 from groundlab.data.mal_dataset import MALCropDataset, collate_crops
 from groundlab.eval.coco_eval import write_results_json
+from groundlab.engine.devices import run_device
 from groundlab.eval.mask_miou import MaskIoUMeter
 from groundlab.models.mal.build import load_mal_network
 from groundlab.models.mal.postprocess import MALPostProcessor
@@ -55,15 +56,15 @@ def run(cfg: DictConfig) -> Dict[str, float]:
     ev = cfg.evaluate
     if not ev.checkpoint:
         raise ConfigError("evaluate.checkpoint is required (a groundlab MAL checkpoint).")
-    device = torch.device("cuda" if torch.cuda.is_available() and ev.num_gpus > 0 else "cpu")
+    device = run_device(ev.num_gpus, ev.gpu_ids)
     predictor, ckpt = load_predictor(ev.checkpoint, ev, device)
     paths = mal_paths(cfg)
     data, source = read_split(cfg, paths["val_ann"], paths["val_img"], "val", train=False)
-    dataset = MALCropDataset(data, source, checkpoint_crop_size(cfg, ckpt), False, cfg.train.margin_rate,
-                             cfg.train.test_margin_rate, with_gt=True)
+    dataset = MALCropDataset(data, source, checkpoint_crop_size(cfg, ckpt), False, (0.0, 0.0),
+                             cfg.model.test_margin_rate, with_gt=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=ev.batch_size, collate_fn=collate_crops,
                                          num_workers=cfg.dataset.num_workers_per_gpu)
-    post = MALPostProcessor(cfg.train.mask_thres)
+    post = MALPostProcessor(cfg.model.mask_thres)
     meter = MaskIoUMeter(len(data.class_names))
     for batch in tqdm(loader, desc="evaluate", unit="batch"):
         logits = predictor(batch["teacher"].to(device), batch["area"].to(device))
@@ -76,7 +77,7 @@ def run(cfg: DictConfig) -> Dict[str, float]:
     os.makedirs(out_dir, exist_ok=True)
     write_results_json(os.path.join(out_dir, "results.json"), metrics,
                        {"checkpoint": ev.checkpoint, "annotations": data.json_file, "skipped_boxes": data.skipped,
-                        "mask_thres": list(cfg.train.mask_thres)})
+                        "mask_thres": list(cfg.model.mask_thres)})
     log.info("mIoU %s (small %s, medium %s, large %s) over %d boxes; %s", result["mIoU"], result["mIoU_small"],
              result["mIoU_medium"], result["mIoU_large"], result["num_instances"], data.summary())
     return {k: float(v) for k, v in metrics.items() if k.startswith("mIoU") and v is not None}

@@ -30,6 +30,7 @@ from groundlab.data.mal_dataset import MALCropDataset, collate_crops
 from groundlab.data.mal_instances import read_mal_instances
 from groundlab.ops.masks import encode_mask
 from groundlab.deploy.mask_overlay import overlay_masks
+from groundlab.engine.devices import run_device
 from groundlab.eval.mask_miou import MaskIoUMeter
 from groundlab.models.mal.postprocess import MALPostProcessor
 from groundlab.eval.mask_miou import score_batch
@@ -55,16 +56,16 @@ def run(cfg: DictConfig) -> Dict[str, float]:
         raise ConfigError("inference.checkpoint is required (a groundlab MAL checkpoint).")
     if not inf.label_dump_path:
         raise ConfigError("inference.label_dump_path is required: where the json with masks goes.")
-    device = torch.device("cuda" if torch.cuda.is_available() and inf.num_gpus > 0 else "cpu")
+    device = run_device(inf.num_gpus, inf.gpu_ids)
     predictor, ckpt = load_predictor(inf.checkpoint, inf, device)
     ann_path, img_dir = _inputs(cfg)
     source = open_source(img_dir, "inference.img_dir", cfg.cache_dir)
     data = read_mal_instances(ann_path, source, need_masks=inf.load_mask, skip_missing=True, keep_data=True)
-    dataset = MALCropDataset(data, source, checkpoint_crop_size(cfg, ckpt), False, cfg.train.margin_rate,
-                             cfg.train.test_margin_rate, with_gt=inf.load_mask)
+    dataset = MALCropDataset(data, source, checkpoint_crop_size(cfg, ckpt), False, (0.0, 0.0),
+                             cfg.model.test_margin_rate, with_gt=inf.load_mask)
     loader = torch.utils.data.DataLoader(dataset, batch_size=inf.batch_size, collate_fn=collate_crops,
                                          num_workers=cfg.dataset.num_workers_per_gpu)
-    post = MALPostProcessor(cfg.train.mask_thres)
+    post = MALPostProcessor(cfg.model.mask_thres)
     meter = MaskIoUMeter(len(data.class_names))
     out = copy.deepcopy(data.data)
     anns = out.get("annotations", [])

@@ -76,8 +76,10 @@ class MALTrainConfig:
     gpu_ids: List[int] = field(default_factory=lambda: [0])
     num_nodes: int = 1
     distributed_strategy: str = "ddp"
-    save_every_k_epoch: int = 1
-    val_interval: int = 1
+    checkpoint_interval: int = 1
+    checkpoint_interval_unit: str = "epoch"  # epoch | step
+    validation_interval: int = 1
+    validation_interval_unit: str = "epoch"  # epoch | step
     batch_size: int = 3
     accum_grad_batches: int = 1
     use_amp: bool = True  # TAO: fp16 autocast on a GPU; train.precision overrides it when not fp32
@@ -98,10 +100,8 @@ class MALTrainConfig:
     optim_eps: float = 1e-8
     optim_betas: List[float] = field(default_factory=lambda: [0.9, 0.9])
     warmup_epochs: float = 1.0
-    # crops
+    # training crops: the box grown by a random margin rate in [lo, hi] per axis
     margin_rate: List[float] = field(default_factory=lambda: [0.0, 1.2])
-    test_margin_rate: List[float] = field(default_factory=lambda: [0.6, 0.6])
-    mask_thres: List[float] = field(default_factory=lambda: [0.1])
     # losses
     loss_mil_weight: float = 4.0
     loss_crf_weight: float = 0.5

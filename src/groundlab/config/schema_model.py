@@ -86,6 +86,9 @@ class MALModelConfig:
     vit_dpr: float = 0.0
     pretrained_path: Optional[str] = None  # MAE weights: transformers dir or the official .pth
     vit_overrides: Any = None  # transformers ViTConfig fields over the model.arch preset
+    # reading masks at test time (validation, evaluate, inference): crop margin and threshold
+    test_margin_rate: List[float] = field(default_factory=lambda: [0.6, 0.6])
+    mask_thres: List[float] = field(default_factory=lambda: [0.1])  # one value, or small/medium/large
 
 
 MODEL_NAMES = ("gdino", "mask_gdino", "mal")

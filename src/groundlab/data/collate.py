@@ -33,11 +33,13 @@ class GroundingCollator:
     when the batch has prompts; the text inputs of PromptEncoder.encode ("input_ids", "attention_mask",
     "token_type_ids", "position_ids" (B, L), "text_self_attention_mask" (B, L, L), "positive_maps")
     when every item has a prompt; "prompts", "prompt_class_ids", "file_names", "sources"}.
-    size_divisibility pads H and W up to a multiple (e.g. 32 for the backbone's strides)."""
+    size_divisibility pads H and W up to a multiple (e.g. 32 for the backbone's strides). tokenize=False
+    leaves the prompts untokenized (evaluation: the predictor prompts every class itself)."""
 
-    def __init__(self, encoder: PromptEncoder, size_divisibility: int = 0):
+    def __init__(self, encoder: PromptEncoder, size_divisibility: int = 0, tokenize: bool = True):
         self.encoder = encoder
         self.size_divisibility = size_divisibility
+        self.tokenize = tokenize
 
     def __call__(self, items: List[Dict[str, Any]]) -> Dict[str, Any]:
         images, padding_mask = pad_images([it["image"] for it in items], self.size_divisibility)
@@ -50,7 +52,7 @@ class GroundingCollator:
             "file_names": [it["file_name"] for it in items],
             "sources": [it["source"] for it in items],
         }
-        if all(it["prompt"] is not None for it in items):
+        if self.tokenize and all(it["prompt"] is not None for it in items):
             text = self.encoder.encode([it["prompt"] for it in items], where=[it["where"] for it in items])
             batch.update(text)
             for target, pmap, it in zip(batch["targets"], text["positive_maps"], items):

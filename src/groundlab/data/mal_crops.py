@@ -1,7 +1,7 @@
 """Box-expanded crops for MAL, and the way back: the crop's mask pasted into the full image.
 
 A crop is the box grown by a margin on each side (random in training: `train.margin_rate` [lo, hi],
-shared between the two sides of an axis; fixed in evaluation/inference: `train.test_margin_rate[0] / 2`
+shared between the two sides of an axis; fixed in evaluation/inference: `model.test_margin_rate[0] / 2`
 per side), taken from the image with mirrored pixels where it leaves the image (the CRF compares real
 colours, so a constant fill would invent edges), then resized to `crop_size` x `crop_size`."""
 

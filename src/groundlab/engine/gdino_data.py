@@ -6,20 +6,19 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-import lightning as L
-import torch
 from omegaconf import DictConfig
 
 from groundlab.data.build import build_grounding_dataset, build_prompt_encoder
+from groundlab.engine.data_base import ResumableDataModule
 from groundlab.errors import DataError
 
 
-class GroundingDataModule(L.LightningDataModule):
+class GroundingDataModule(ResumableDataModule):
     """Attributes after `prepare()`: train_set, val_set, collate, val_gt_json (COCO GT path or None),
     val_category_ids (class index -> original id, or None), class_names (label map of the first train source)."""
 
     def __init__(self, cfg: DictConfig):
-        super().__init__()
+        super().__init__(cfg.seed)
         self.cfg = cfg
         self.train_set = self.val_set = self.collate = None
         self.val_gt_json: Optional[str] = None
@@ -39,19 +38,10 @@ class GroundingDataModule(L.LightningDataModule):
         self.class_names = self.train_set.sources[0].class_names or None
         return self
 
-    def _loader(self, dataset, shuffle: bool) -> torch.utils.data.DataLoader:
-        d = self.cfg.dataset
-        return torch.utils.data.DataLoader(
-            dataset, batch_size=d.batch_size, shuffle=shuffle, num_workers=d.workers, collate_fn=self.collate,
-            pin_memory=d.pin_memory and torch.cuda.is_available(), drop_last=False,
-            persistent_workers=False,  # re-created each epoch so they see set_epoch()
-        )
-
     def train_dataloader(self):
-        # Lightning builds the first loader before on_train_epoch_start; a resumed run must start its workers
-        # with the resumed epoch's augmentation and negatives, not epoch 0's
-        self.train_set.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
-        return self._loader(self.train_set, shuffle=True)
+        d = self.cfg.dataset
+        return self.loader(self.train_set, d.batch_size, True, d.workers, self.collate, d.pin_memory)
 
     def val_dataloader(self):
-        return self._loader(self.val_set, shuffle=False)
+        d = self.cfg.dataset
+        return self.loader(self.val_set, d.batch_size, False, d.workers, self.collate, d.pin_memory)

@@ -3,20 +3,19 @@
 
 from __future__ import annotations
 
-import lightning as L
-import torch
 from omegaconf import DictConfig
 
 from groundlab.data.mal_dataset import MALCropDataset, collate_crops
 from groundlab.data.mal_sources import mal_paths, read_split
+from groundlab.engine.data_base import ResumableDataModule
 from groundlab.errors import DataError
 
 
-class MALDataModule(L.LightningDataModule):
+class MALDataModule(ResumableDataModule):
     """After `prepare()`: train_data, val_data (MALInstances), train_set, val_set (MALCropDataset)."""
 
     def __init__(self, cfg: DictConfig):
-        super().__init__()
+        super().__init__(cfg.seed)
         self.cfg = cfg
         self.train_data = self.val_data = self.train_set = self.val_set = None
 
@@ -25,7 +24,7 @@ class MALDataModule(L.LightningDataModule):
         paths = mal_paths(c)
         self.train_data, train_src = read_split(c, paths["train_ann"], paths["train_img"], "train", train=True)
         self.train_set = MALCropDataset(self.train_data, train_src, c.dataset.crop_size, True, t.margin_rate,
-                                        t.test_margin_rate, seed=c.seed)
+                                        c.model.test_margin_rate, seed=c.seed)
         if not c.dataset.load_mask:  # TAO: the val json has no masks to score against; train without validation
             return self
         self.val_data, val_src = read_split(c, paths["val_ann"], paths["val_img"], "val", train=False)
@@ -33,20 +32,15 @@ class MALDataModule(L.LightningDataModule):
             raise DataError(f"the val json's categories {self.val_data.class_names} differ from the train json's "
                             f"{self.train_data.class_names}", paths["val_ann"])
         self.val_set = MALCropDataset(self.val_data, val_src, c.dataset.crop_size, False, t.margin_rate,
-                                      t.test_margin_rate, with_gt=True)
+                                      c.model.test_margin_rate, with_gt=True)
         return self
 
-    def _loader(self, dataset, batch_size: int, shuffle: bool) -> torch.utils.data.DataLoader:
-        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
-                                           num_workers=self.cfg.dataset.num_workers_per_gpu,
-                                           collate_fn=collate_crops, drop_last=False, persistent_workers=False)
-
     def train_dataloader(self):
-        self.train_set.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
-        return self._loader(self.train_set, self.cfg.train.batch_size, shuffle=True)
+        return self.loader(self.train_set, self.cfg.train.batch_size, True, self.cfg.dataset.num_workers_per_gpu,
+                           collate_crops)
 
     def val_dataloader(self):
         if self.val_set is None:
             return []
-        return self._loader(self.val_set, self.cfg.evaluate.batch_size, shuffle=False)
-
+        return self.loader(self.val_set, self.cfg.train.batch_size, False, self.cfg.dataset.num_workers_per_gpu,
+                           collate_crops)

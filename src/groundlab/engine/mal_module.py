@@ -9,13 +9,12 @@ import logging
 import math
 from typing import Any, Dict, List, Optional
 
-import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from groundlab.engine.module_base import GroundlabModule
 from groundlab.eval.mask_miou import MaskIoUMeter
-from groundlab.models.checkpoint import FORMAT, VERSION, load_checkpoint
-from groundlab.engine.finite_loss import check_finite_loss
+from groundlab.models.checkpoint import load_checkpoint
 from groundlab.models.mal.build import build_mal_network, network_state
 from groundlab.models.mal.criterion import MALCriterion
 from groundlab.models.mal.postprocess import MALPostProcessor
@@ -35,13 +34,15 @@ def warmup_cosine(epoch: float, warmup_epochs: float, max_epochs: float, lr: flo
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / span * num_wave))
 
 
-class MALLightning(L.LightningModule):
+class MALLightning(GroundlabModule):
     """cfg: the composed config; class_names / category_ids: of the training json (stored in checkpoints);
     devices: number of training processes (the lr scales with it)."""
 
+    loss_remedy = "Lower train.lr, set train.clip_grad_norm or use train.precision=fp32 (train.use_amp=false)."
+
     def __init__(self, cfg: DictConfig, class_names: List[str], category_ids: List[int], devices: int = 1):
-        super().__init__()
-        self.cfg, self.class_names, self.category_ids = cfg, list(class_names), list(category_ids)
+        super().__init__(cfg)
+        self.class_names, self.category_ids = list(class_names), list(category_ids)
         self.student = build_mal_network(cfg.model, cfg.dataset.crop_size)
         if cfg.model.pretrained_path:
             log.info(load_mae_weights(self.student.backbone, cfg.model.pretrained_path).summary())
@@ -55,16 +56,12 @@ class MALLightning(L.LightningModule):
         self.teacher.eval()
         self.momentum = float(cfg.model.teacher_momentum)
         self.criterion = MALCriterion(cfg.train)
-        self.post = MALPostProcessor(cfg.train.mask_thres)
+        self.post = MALPostProcessor(cfg.model.mask_thres)
         self.base_lr = cfg.train.lr * devices * cfg.train.batch_size
         self.min_lr = cfg.train.min_lr if cfg.train.min_lr > 0 else self.base_lr * cfg.train.min_lr_rate
         self.meter: Optional[MaskIoUMeter] = None
-        self._ema_step = 0
-        self.last_metrics: Dict[str, float] = {}
-        self.last_metrics_step = -1
-
-    def on_train_start(self) -> None:
-        self._ema_step = self.global_step  # a resumed run: no extra EMA update before its first optimizer step
+        if cfg.train.activation_checkpoint:
+            self.student.backbone.set_activation_checkpointing(True)
 
     def train(self, mode: bool = True):
         """The teacher is never in training mode (no drop path): it only follows the student."""
@@ -73,32 +70,28 @@ class MALLightning(L.LightningModule):
         return self
 
     # ------------------------------------------------------------------------------------------- training
-    def on_train_epoch_start(self) -> None:
-        dm = self.trainer.datamodule
-        if dm is not None:
-            dm.train_set.set_epoch(self.current_epoch)
-
     def training_step(self, batch: Dict[str, Any], batch_idx: int) -> torch.Tensor:
         student = self.student(batch["student"], batch["area"])
         with torch.no_grad():
             teacher = self.teacher(batch["teacher"], batch["area"])
         losses = self.criterion(student, teacher, batch["teacher"], batch["box_mask"], self.global_step)
         total = losses["loss_mil"] + losses["loss_crf"]
-        check_finite_loss(total, self.global_step, self.current_epoch, batch_idx,
-                          "Lower train.lr, set train.clip_grad_norm or use train.precision=fp32 (train.use_amp=false).")
+        self.check_loss(total, batch_idx)
         bs = batch["student"].shape[0]
         self.log("train_loss", total, prog_bar=True, batch_size=bs)
         self.log("train_loss_mil", losses["loss_mil"], batch_size=bs)
         self.log("train_loss_crf", losses["loss_crf"], batch_size=bs)
         return total
 
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """EMA right after each optimizer step (once per step under gradient accumulation), inside the step, so
+        a checkpoint written at the end of the batch already holds the teacher of that step."""
+        super().optimizer_step(*args, **kwargs)
+        self._ema_update()
+
     @torch.no_grad()
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        """EMA: teacher <- m * teacher + (1 - m) * student, after every optimizer step (not every batch
-        when gradients accumulate)."""
-        if self.global_step == self._ema_step:
-            return
-        self._ema_step = self.global_step
+    def _ema_update(self) -> None:
+        """teacher <- m * teacher + (1 - m) * student; buffers copied."""
         for t, s in zip(self.teacher.parameters(), self.student.parameters()):
             t.mul_(self.momentum).add_(s.detach(), alpha=1 - self.momentum)
         for t, s in zip(self.teacher.buffers(), self.student.buffers()):
@@ -123,12 +116,9 @@ class MALLightning(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # ----------------------------------------------------------------------------------------- validation
-    def predictor(self, evaluate_cfg: Optional[DictConfig] = None) -> MALPredictor:
-        e = evaluate_cfg if evaluate_cfg is not None else self.cfg.get("evaluate")
-        teacher = bool(e.get("use_teacher_test", False)) if e is not None else False
-        mixed = bool(e.get("use_mixed_model_test", False)) if e is not None else False
-        flip = bool(e.get("use_flip_test", False)) if e is not None else False
-        return MALPredictor(self.student, self.teacher, teacher, mixed, flip)
+    def predictor(self) -> MALPredictor:
+        """Validation scores the student (evaluate's teacher / mixed / flip options apply to action=evaluate)."""
+        return MALPredictor(self.student, self.teacher)
 
     def on_validation_epoch_start(self) -> None:
         self.meter = MaskIoUMeter(len(self.class_names))
@@ -140,24 +130,13 @@ class MALLightning(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.world_size > 1:
-            states = [None] * self.trainer.world_size
-            torch.distributed.all_gather_object(states, self.meter.state())
-            self.meter.merge(states)
+            self.meter.merge(self.gather(self.meter.state()))
         result = self.meter.compute(self.class_names)
-        metrics = {k: float(v) for k, v in result.items() if k.startswith("mIoU") and v is not None}
-        for k, v in metrics.items():
-            self.log(f"val_{k}", v, prog_bar=k == "mIoU", sync_dist=False)
-        self.last_metrics = {f"val_{k}": v for k, v in metrics.items()}
-        self.last_metrics_step = self.global_step  # which weights they describe
+        self.record_validation({f"val_{k}": float(v) for k, v in result.items() if k.startswith("mIoU") and v is not None},
+                               prog_bar=("val_mIoU",))
 
     # ---------------------------------------------------------------------------------------- checkpoints
-    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        """The fields of a groundlab checkpoint (models/checkpoint.py) next to Lightning's own; the state dict
-        holds `student.*` and `teacher.*`."""
-        checkpoint.update({
-            "format": FORMAT, "version": VERSION, "model_name": "mal",
-            "model_config": OmegaConf.to_container(self.cfg.model, resolve=True),
-            "crop_size": int(self.cfg.dataset.crop_size), "class_names": self.class_names,
-            "category_ids": self.category_ids,
-            "meta": {"current_epoch": self.current_epoch, "global_step": self.global_step},
-        })
+    def checkpoint_fields(self) -> Dict[str, Any]:
+        """The state dict holds `student.*` and `teacher.*`; crops are rebuilt at crop_size."""
+        return {"crop_size": int(self.cfg.dataset.crop_size), "class_names": self.class_names,
+                "category_ids": self.category_ids}

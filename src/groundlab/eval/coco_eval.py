@@ -69,7 +69,8 @@ def _complete_gt(data: Mapping[str, Any]) -> Dict[str, Any]:
 
 def _to_numpy(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):  # torch tensor, without importing torch here
-        x = x.detach().cpu().numpy()
+        x = x.detach().cpu()
+        x = (x.float() if x.is_floating_point() else x).numpy()  # numpy has no bfloat16
     return np.asarray(x)
 
 

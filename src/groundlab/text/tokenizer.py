@@ -35,7 +35,7 @@ def load_tokenizer(name: str):
     path = resolve_text_encoder(name)
     try:
         return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError):
         raise TextEncoderNotFound(
             f"model.text_encoder_type={name!r}: no tokenizer at {path!r} (tried it as a local directory, then "
             f"as a name in the local Hugging Face cache). Give a directory in HF layout, or "

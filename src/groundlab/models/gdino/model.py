@@ -114,7 +114,8 @@ class GroundingDINO(nn.Module):
                 "text_self_attention_mask": text_self_attention_mask, "position_ids": position_ids}
 
     def image_levels(self, images: torch.Tensor, padding_mask: torch.Tensor):
-        """Projected feature maps, padding masks and position encodings of every level."""
+        """Backbone + input projections: ([(B, C, H_l, W_l)] maps, [(B, H_l, W_l)] padding masks,
+        [(B, C, H_l, W_l)] position encodings), one per level."""
         features = self.backbone(images, padding_mask)
         srcs, masks = [], []
         for lvl, (feat, mask) in enumerate(features):
@@ -141,12 +142,18 @@ class GroundingDINO(nn.Module):
                           padding_mask: Optional[torch.Tensor] = None, targets: Optional[list] = None) -> Dict[str, Any]:
         """forward() with the text already encoded by encode_text(): inference encodes each distinct prompt
         once. A text batch of 1 is broadcast over the images."""
-        B = images.shape[0]
         if padding_mask is None:
-            padding_mask = torch.zeros(B, *images.shape[-2:], dtype=torch.bool, device=images.device)
+            padding_mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
+        return self.forward_from_levels(self.image_levels(images, padding_mask), text, targets)
+
+    def forward_from_levels(self, levels, text: Dict[str, torch.Tensor], targets: Optional[list] = None
+                            ) -> Dict[str, Any]:
+        """forward_with_text() from image_levels()'s output: a predictor with several prompts per image (a long
+        class list in chunks) runs the image backbone once and this once per prompt."""
+        srcs, masks, pos = levels
+        B = srcs[0].shape[0]
         if text["text"].shape[0] != B:
             text = {k: v.expand(B, *v.shape[1:]) for k, v in text.items()}
-        srcs, masks, pos = self.image_levels(images, padding_mask)
         dn = None
         if self.training and targets is not None and self.dn_number > 0:
             dn = prepare_denoising(targets, self.dn_number, self.cfg.dn_label_noise_ratio,

@@ -22,7 +22,7 @@ class MALPostProcessor(nn.Module):
         super().__init__()
         thres = [float(t) for t in mask_thres]
         if len(thres) not in (1, 3):
-            raise ValueError(f"train.mask_thres needs 1 value or 3 (small/medium/large), got {thres}")
+            raise ValueError(f"model.mask_thres needs 1 value or 3 (small/medium/large), got {thres}")
         self.thres = thres * 3 if len(thres) == 1 else thres
 
     @torch.no_grad()

@@ -1,0 +1,50 @@
+"""The data-module side of exact resume, shared by every model: training loaders draw their order from a
+ResumableSampler (per-epoch permutation from the seed, sharded over ranks), and the data module's state in a
+checkpoint says how many batches of which epoch were trained, so a resumed epoch skips exactly those."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional
+
+import lightning as L
+import torch
+
+from groundlab.engine.resumable_sampler import ResumableSampler
+from groundlab.engine.resume_state import batches_done_in_epoch
+
+
+class ResumableDataModule(L.LightningDataModule):
+    """Subclasses build their datasets and call `loader(...)` from train_dataloader / val_dataloader."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.seed = int(seed)
+        self._resume: Optional[Dict[str, int]] = None
+
+    def _rank(self):
+        t = self.trainer
+        return (t.global_rank, t.world_size) if t is not None else (0, 1)
+
+    def loader(self, dataset, batch_size: int, train: bool, num_workers: int, collate: Callable,
+               pin_memory: bool = False) -> torch.utils.data.DataLoader:
+        rank, world = self._rank()
+        sampler = ResumableSampler(dataset, batch_size, self.seed, shuffle=train, rank=rank, world_size=world)
+        if train:
+            sampler.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
+            if self._resume is not None:
+                sampler.set_epoch(self._resume["epoch"])  # Lightning sets it again before the epoch starts
+                sampler.skip_batches(self._resume["epoch"], self._resume["batches_done"])
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
+            pin_memory=pin_memory and torch.cuda.is_available(), drop_last=False,
+            persistent_workers=False,  # re-created each epoch so they see set_epoch()
+            # worker seeds from the loader's own generator: the global random state stays the training step's
+            generator=torch.Generator().manual_seed(self.seed))
+
+    def state_dict(self) -> Dict[str, Any]:
+        if self.trainer is None:
+            return {}
+        return {"epoch": int(self.trainer.current_epoch), "batches_done": batches_done_in_epoch(self.trainer)}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self._resume = dict(state_dict) if state_dict else None

@@ -1,0 +1,113 @@
+"""The Grounding DINO predictor: everything around the network that evaluate, inference and validation share.
+
+It owns loading a checkpoint of any supported layout (groundlab, HF transformers, IDEA-Research), the prompt
+encoder, the text cache (each distinct prompt encoded once), class lists split into prompts that fit
+max_text_len and merged back to global class ids, and post-processing to original-image pixels. A backend
+(predict/torch_backend.py: the contract) runs the network; ONNX Runtime and TensorRT backends plug in there.
+
+Per batch of images the backbone runs once, however many prompt chunks a class list needs; images with
+different captions run as one batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from omegaconf import DictConfig
+
+from groundlab.models.gdino.build import BuiltModel, build_gdino
+from groundlab.models.gdino.postprocess import GroundingPostProcessor, merge_chunk_results, select_free_form
+from groundlab.predict.text_cache import TextCache
+from groundlab.predict.torch_backend import TorchBackend
+from groundlab.text.captions import ChunkedPrompts, Prompt, chunk_class_prompts
+from groundlab.text.tokenizer import load_tokenizer
+from groundlab.text.tokens import PromptEncoder
+
+log = logging.getLogger(__name__)
+
+Result = Dict[str, torch.Tensor]
+
+
+class GDinoPredictor:
+    """backend: runs the network (TorchBackend ...); tokenizer: the text encoder's; num_select: (query, class)
+    pairs kept per image; class_names: the label map a checkpoint carried (or None)."""
+
+    def __init__(self, backend: TorchBackend, tokenizer, num_select: int, device: torch.device,
+                 class_names: Optional[List[str]] = None, config: Optional[DictConfig] = None):
+        self.backend, self.tokenizer, self.device = backend, tokenizer, torch.device(device)
+        self.config = config  # the structural model config (what a checkpoint rebuilt)
+        self.encoder = PromptEncoder(tokenizer, backend.max_text_len)
+        self.post = GroundingPostProcessor(num_select)
+        self.texts = TextCache(backend.encode_text, self.encoder, self.device)
+        self.class_names = class_names
+        self._chunked: Dict[Tuple[str, ...], ChunkedPrompts] = {}
+
+    @classmethod
+    def from_model(cls, model, model_cfg: DictConfig, device: torch.device,
+                   class_names: Optional[List[str]] = None) -> "GDinoPredictor":
+        """Around a model in memory (validation during training)."""
+        return cls(TorchBackend(model), load_tokenizer(model_cfg.text_encoder_type), model_cfg.num_select, device,
+                   class_names, model_cfg)
+
+    @classmethod
+    def from_checkpoint(cls, model_cfg: DictConfig, checkpoint: str, device: torch.device) -> "GDinoPredictor":
+        """A groundlab .pth, an HF Grounding DINO directory or an IDEA-Research .pth; the structure comes from the
+        checkpoint (model_cfg serves IDEA files, which carry none)."""
+        built: BuiltModel = build_gdino(model_cfg, checkpoint)
+        return cls.from_model(built.model.to(device).eval(), built.config, device, built.class_names)
+
+    # ------------------------------------------------------------------------------------------ prompts
+    def chunked(self, class_names: Sequence[str]) -> ChunkedPrompts:
+        """The class list as prompts of at most max_text_len tokens (cached per list)."""
+        key = tuple(class_names)
+        if key not in self._chunked:
+            self._chunked[key] = chunk_class_prompts(key, self.encoder.name_len, self.backend.max_text_len)
+        return self._chunked[key]
+
+    # ------------------------------------------------------------------------------------------ running
+    def run_chunks(self, images: torch.Tensor, padding_mask: torch.Tensor, chunked: ChunkedPrompts) -> List[Dict[str, Any]]:
+        """Raw network outputs per prompt chunk for a batch; the image part runs once."""
+        image = self.backend.encode_image(images.to(self.device), padding_mask.to(self.device))
+        return [self.backend.detect(image, self.texts.get(p).text) for p in chunked.prompts]
+
+    def postprocess_chunks(self, outputs: Sequence[Dict[str, Any]], orig_sizes: torch.Tensor, chunked: ChunkedPrompts,
+                           nms_threshold: Optional[float] = None) -> List[Result]:
+        """Per image {"scores" (K,), "labels" (K,) global class index, "boxes" (K, 4) xyxy original pixels},
+        float32, sorted by score, K <= num_select."""
+        sizes = orig_sizes.to(self.device)
+        per_chunk = []
+        with torch.autocast(self.device.type, enabled=False):  # scores in fp32 also under bf16/fp16 autocast
+            for out, prompt in zip(outputs, chunked.prompts):
+                out = {"pred_logits": out["pred_logits"].float(), "pred_boxes": out["pred_boxes"].float()}
+                per_chunk.append(self.post(out, sizes, self.texts.get(prompt).positive_map))
+        return merge_chunk_results(per_chunk, chunked, self.post.num_select, nms_threshold)
+
+    def detect_classes(self, images: torch.Tensor, padding_mask: torch.Tensor, orig_sizes: torch.Tensor,
+                       class_names: Sequence[str], nms_threshold: Optional[float] = None) -> List[Result]:
+        """images (B, 3, H, W) normalized, padding_mask (B, H, W), orig_sizes (B, 2) (h, w): detections over
+        the whole class list (labels index class_names)."""
+        chunked = self.chunked(class_names)
+        return self.postprocess_chunks(self.run_chunks(images, padding_mask, chunked), orig_sizes, chunked,
+                                       nms_threshold)
+
+    def detect_captions(self, images: torch.Tensor, padding_mask: torch.Tensor, orig_sizes: torch.Tensor,
+                        prompts: Sequence[Prompt], box_threshold: float, text_threshold: float
+                        ) -> List[Dict[str, object]]:
+        """One free-form caption per image, all images in one batch: per image {"scores" (K,), "boxes" (K, 4),
+        "phrases": K str} (queries above box_threshold, named by their tokens above text_threshold)."""
+        encoded = [self.texts.get(p) for p in prompts]
+        text = encoded[0].text if len({p.text for p in prompts}) == 1 else \
+            self.backend.stack_text([e.text for e in encoded])
+        image = self.backend.encode_image(images.to(self.device), padding_mask.to(self.device))
+        out = self.backend.detect(image, text)
+        out = {"pred_logits": out["pred_logits"].float(), "pred_boxes": out["pred_boxes"].float()}
+        sizes = orig_sizes.to(self.device)
+        results = []
+        with torch.autocast(self.device.type, enabled=False):
+            for b, e in enumerate(encoded):
+                one = {k: v[b : b + 1] for k, v in out.items()}
+                results += select_free_form(one, sizes[b : b + 1], e.input_ids, self.tokenizer, box_threshold,
+                                            text_threshold)
+        return results
