@@ -158,8 +158,19 @@ def _sees_only(model, token_id: int) -> None:
         decoder_norm.bias.copy_(v)
 
 
+@pytest.fixture(scope="module")
+def zebra_checkpoint(compose, tokenizer, tmp_path_factory):
+    """A tiny Grounding DINO with max_text_len=16 that detects "zebra" (score ~1) with every query, nothing else."""
+    torch.manual_seed(0)
+    cfg = compose(TINY_GDINO + ["model.max_text_len=16"])
+    model = build_gdino(cfg.model).model
+    _sees_only(model, tokenizer.convert_tokens_to_ids("zebra"))
+    return save_gdino(str(tmp_path_factory.mktemp("ckpt") / "zebra_only.pth"), model, cfg.model)
+
+
 @pytest.mark.parametrize("target", [19, 9])  # in the last prompt, and in a middle one
-def test_chunked_class_list_reports_each_class_under_its_own_id(compose, tokenizer, tmp_path, target):
+def test_chunked_class_list_reports_each_class_under_its_own_id(compose, tokenizer, zebra_checkpoint, tmp_path,
+                                                                 target):
     from groundlab.text.captions import chunk_class_prompts
     from groundlab.text.tokens import PromptEncoder
 
@@ -170,17 +181,12 @@ def test_chunked_class_list_reports_each_class_under_its_own_id(compose, tokeniz
     assert len(chunked.prompts) == 3 and where == (2 if target == 19 else 1)
     assert chunked.class_ids[where].index(target) != target  # its place inside its prompt is another id
 
-    torch.manual_seed(0)
-    cfg = compose(TINY_GDINO + ["model.max_text_len=16"])
-    model = build_gdino(cfg.model).model
-    _sees_only(model, tokenizer.convert_tokens_to_ids("zebra"))
-    ckpt = save_gdino(str(tmp_path / "zebra_only.pth"), model, cfg.model)
     image_dir, files = _images(tmp_path, False)
-    run_cfg = compose(BASE[:-1] + ["inference.conf_threshold=0.5", f"inference.checkpoint={ckpt}",
-                                   f"dataset.infer_data_sources.image_dir=[{image_dir}]",
-                                   f"dataset.infer_data_sources.captions=[{','.join(names)}]"],
-                      results_dir=str(tmp_path / "run"))
-    metrics = run_action(run_cfg)
+    cfg = compose(BASE[:-1] + ["inference.conf_threshold=0.5", f"inference.checkpoint={zebra_checkpoint}",
+                               f"dataset.infer_data_sources.image_dir=[{image_dir}]",
+                               f"dataset.infer_data_sources.captions=[{','.join(names)}]"],
+                  results_dir=str(tmp_path / "run"))
+    metrics = run_action(cfg)
 
     out = tmp_path / "run" / "inference"
     detections = json.loads((out / "results.json").read_text())
@@ -192,3 +198,23 @@ def test_chunked_class_list_reports_each_class_under_its_own_id(compose, tokeniz
     for name in files:
         lines = (out / "labels" / f"{os.path.splitext(name)[0]}.txt").read_text().splitlines()
         assert len(lines) == 20 and {line.split()[0] for line in lines} == {"zebra"}
+
+
+def test_chunked_evaluation_reports_the_last_prompts_class_under_its_coco_id(compose, zebra_checkpoint, tmp_path):
+    image_dir, files = _images(tmp_path, False)
+    coco_ids = [3 * i + 7 for i in range(len(CLASSES))]  # not contiguous; zebra has the largest: the last class
+    gt = {"images": [{"id": i + 1, "file_name": n, "height": h, "width": w} for i, (n, (h, w)) in enumerate(files.items())],
+          "categories": [{"id": c, "name": n} for c, n in zip(coco_ids, CLASSES)],
+          "annotations": [{"id": i + 1, "image_id": i + 1, "category_id": coco_ids[-1], "bbox": [2, 2, 20, 20],
+                           "area": 400, "iscrowd": 0} for i in range(len(files))]}
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    # one batch: a 64x64 image alone would leave the tiny model (32 channels, 32 groups) a 1x1 GroupNorm level
+    cfg = compose(["action=evaluate", "dataset=coco", "dataset.batch_size=3", "dataset.workers=0",
+                   "dataset.augmentation.test_random_resize=64", "evaluate.conf_threshold=0.5",
+                   f"evaluate.checkpoint={zebra_checkpoint}", f"dataset.val_data_sources.image_dir={image_dir}",
+                   f"dataset.val_data_sources.json_file={tmp_path / 'gt.json'}"], results_dir=str(tmp_path / "ev"))
+    run_action(cfg)
+    out = tmp_path / "ev" / "evaluate"
+    assert json.loads((out / "results.json").read_text())["num_prompts"] == 3
+    detections = json.loads((out / "detections.json").read_text())
+    assert len(detections) == 3 * 20 and {d["category_id"] for d in detections} == {coco_ids[-1]}
