@@ -9,7 +9,7 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import REPO, run_py
+from conftest import REPO, SMALL_SYNTHETIC, TINY_GDINO, run_py
 from groundlab.config import ConfigError, check_config
 from groundlab.config import schema_action, schema_dataset, schema_model
 
@@ -51,9 +51,30 @@ def test_every_dataset_preset_composes(compose, dataset):
     assert cfg.dataset.type == dataset
 
 
-def test_tao_spec_keys_exist(compose):
-    cfg = compose(["train.num_epochs=3", "train.optim.lr=1e-4", "model.max_text_len=128", "dataset.max_labels=20"])
-    assert (cfg.train.num_epochs, cfg.train.optim.lr, cfg.model.max_text_len, cfg.dataset.max_labels) == (3, 1e-4, 128, 20)
+def test_tao_spec_keys_reach_the_code_that_uses_them(compose):
+    """TAO's spec keys (composition rejects unknown names) drive the optimizer, the model and the prompts."""
+    import torch
+
+    from groundlab.data.build import build_grounding_dataset
+    from groundlab.models.gdino.build import build_gdino
+    from groundlab.models.gdino.optim import build_optimizer
+
+    cfg = compose(TINY_GDINO + SMALL_SYNTHETIC + [
+        "train.optim.lr=1e-4", "train.optim.lr_backbone=3e-6", "train.optim.lr_linear_proj_mult=0.5",
+        "model.max_text_len=128", "dataset.max_labels=3"])
+    model = build_gdino(cfg.model).model.eval()
+    lrs = {g["name"]: g["lr"] for g in build_optimizer(model, cfg.train.optim).param_groups}
+    assert lrs == pytest.approx({"base": 1e-4, "backbone": 3e-6, "linear_proj": 5e-5})
+    ids = torch.tensor([[101, 4937, 1012, 102]])
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 96, 96), ids, torch.ones_like(ids))
+    assert out["pred_logits"].shape[-1] == 128  # one column per token of the model's text length
+    ds, collate = build_grounding_dataset(cfg, "train", augment=False)
+    items = [ds[i] for i in range(4)]
+    for item in items:
+        positives = set(item["target"]["labels"].tolist())
+        assert len(item["prompt_class_ids"]) == max(3, len(positives))  # negatives fill up to 3 of 9 classes
+    assert all(t["positive_map"].shape[-1] == 128 for t in collate(items)["targets"])
 
 
 @pytest.mark.parametrize(

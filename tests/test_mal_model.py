@@ -170,13 +170,24 @@ def test_frozen_stages_and_stochastic_depth():
     rates = [layer.dropout.rate for layer in net.vit.layers]
     assert rates == [0.0, 0.5] and all(isinstance(layer.dropout, DropPath) for layer in net.vit.layers)
     x = torch.randn(4, 3, 64, 64)
-    net = ViTBackbone("vit-micro/8", 64, drop_path_rate=0.5, overrides=SMALL).eval()
-    torch.testing.assert_close(net(x), net(x))  # no randomness at evaluation
-    net.train()
+    net = ViTBackbone("vit-micro/8", 64, drop_path_rate=0.5, overrides=SMALL)
+    plain = ViTBackbone("vit-micro/8", 64, drop_path_rate=0.0, overrides=SMALL)
+    plain.load_state_dict(net.state_dict())  # the same weights without stochastic depth
+    with torch.no_grad():
+        reference = plain.eval()(x)
+        torch.testing.assert_close(plain.train()(x), reference)  # nothing else is random in training
+        torch.testing.assert_close(net.eval()(x), reference)  # evaluation: drop path is the identity
+        torch.manual_seed(0)
+        trained = net.train()(x)
+    changed = (trained - reference).flatten(1).abs().amax(1) > 1e-4
+    assert changed.any()  # training: branches dropped (or kept and rescaled)
+    # per sample, a whole branch is dropped or kept and scaled by 1 / keep
+    drop = DropPath(0.5).train()
     torch.manual_seed(0)
-    a = net(x)
-    torch.manual_seed(1)
-    assert not torch.allclose(a, net(x))  # whole branches dropped per sample while training
+    out = drop(torch.ones(64, 5, 7))
+    values = out.flatten(1)
+    assert (values == values[:, :1]).all() and set(values[:, 0].tolist()) == {0.0, 2.0}
+    assert torch.equal(drop.eval()(x), x)
 
 
 def test_network_runs_under_autocast():

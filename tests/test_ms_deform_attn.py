@@ -107,6 +107,8 @@ def test_module_paths_agree_and_auto_picks_grid_sample_when_tracing():
         with torch.no_grad():
             outs[impl + "_inference"] = attn(query, ref, value, shapes)
     assert torch.allclose(outs["grid_sample"], outs["gather"], atol=1e-5)
+    # the two paths round differently, so bitwise equality below tells which one "auto" ran
+    assert not torch.equal(outs["grid_sample_inference"], outs["gather_inference"])
     assert torch.equal(outs["auto_inference"], outs["gather_inference"])  # CPU inference: gather
     assert torch.equal(outs["auto"], outs["grid_sample"])  # training: grid_sample (faster backward)
     attn.impl = "auto"

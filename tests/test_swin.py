@@ -91,16 +91,33 @@ def test_drop_path_draws_the_same_samples():
     assert _max_diff(ours(x), hf.eval()(x).feature_maps) < 1e-5
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
+def _count_block_calls(model):
+    """A list that grows by one every time a Swin block starts its forward (also when recomputed in backward:
+    a pre-hook, since recomputation stops as soon as the saved tensors are back, before forward returns)."""
+    calls = []
+    for module in model.modules():
+        if type(module).__name__ == "SwinBlock":
+            module.register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_activation_checkpointing_recomputes_blocks_and_gives_the_same_gradients():
     _, ours = _pair(drop_path_rate=0.3)
+    calls = _count_block_calls(ours)
+    n_blocks = sum(SMALL["depths"])
     ours.train()
     x = torch.randn(2, 3, 24, 28, requires_grad=True)
-    weights = [torch.randn(f.shape) for f in ours(x)]
+    with torch.no_grad():
+        weights = [torch.randn(f.shape) for f in ours(x)]
+    calls.clear()
     torch.manual_seed(2)
     plain = _grads(ours, x, weights)
+    assert len(calls) == n_blocks  # activations kept: each block runs once
     ours.use_checkpoint = True
+    calls.clear()
     torch.manual_seed(2)
     recomputed = _grads(ours, x, weights)
+    assert len(calls) == 2 * n_blocks  # each block ran again in backward (same drop-path draws)
     assert all((a is None and b is None) or torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, recomputed))
 
 
@@ -108,10 +125,24 @@ def test_image_backbone_switches_swin_checkpointing():
     from groundlab.models.common.backbone import ImageBackbone
 
     bb = ImageBackbone("swin_tiny_224_1k", [1, 2, 3], {k: v for k, v in SMALL.items() if k != "drop_path_rate"})
+    calls = _count_block_calls(bb)
+    x, pad = torch.randn(1, 3, 24, 24), torch.zeros(1, 24, 24, dtype=torch.bool)
+
+    def block_runs():
+        calls.clear()
+        sum(f.sum() for f, _ in bb(x, pad)).backward()
+        return len(calls)
+
+    bb.train()
+    once = block_runs()
+    assert once == sum(SMALL["depths"])
     bb.set_activation_checkpointing(True)
-    assert bb.body.use_checkpoint
+    assert block_runs() == 2 * once
+    bb.eval()  # recomputation is for training only
+    assert block_runs() == once
+    bb.train()
     bb.set_activation_checkpointing(False)
-    assert not bb.body.use_checkpoint
+    assert block_runs() == once
 
 
 def test_swin_t_preset_shape_and_image_backbone():

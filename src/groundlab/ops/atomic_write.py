@@ -4,17 +4,34 @@ the same folder, flushed, then os.replace. Used for checkpoints, results json an
 from __future__ import annotations
 
 import os
-import tempfile
+import stat
+import uuid
 from typing import Callable
+
+
+def _new_temp_file(path: str) -> str:
+    """An empty new file next to `path` with the permissions open(path, "w") would give it: path's own mode
+    when it exists, else 0o666 less the umask (tempfile.mkstemp's 0o600 would make every output private)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".tmp_{uuid.uuid4().hex[:12]}_{name}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        if os.path.exists(path):
+            os.fchmod(fd, stat.S_IMODE(os.stat(path).st_mode))
+    except BaseException:
+        os.remove(tmp)
+        raise
+    finally:
+        os.close(fd)
+    return tmp
 
 
 def atomic_write(path: str, write: Callable[[str], None]) -> str:
     """Call write(temp_path), then rename the temp file onto `path` (parent folders are made); returns path.
-    On any failure the temp file is removed and `path` is left as it was."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix="_" + os.path.basename(path))
-    os.close(fd)
+    On any failure the temp file is removed and `path` is left as it was. The new file has the permissions
+    a plain open(path, "w") would have given it."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = _new_temp_file(path)
     try:
         write(tmp)
         os.replace(tmp, path)
