@@ -25,9 +25,10 @@ from groundlab.actions.mal_evaluate import checkpoint_crop_size, load_predictor
 from groundlab.ops.atomic_write import atomic_write_text
 from groundlab.config import ConfigError
 from groundlab.data.image_decode import decode_rgb
-from groundlab.data.mal_sources import mal_paths, open_source
+from groundlab.data.mal_sources import mal_paths
 from groundlab.data.mal_dataset import MALCropDataset, collate_crops
 from groundlab.data.mal_instances import read_mal_instances
+from groundlab.data.sources import open_images
 from groundlab.ops.masks import encode_mask
 from groundlab.deploy.mask_overlay import overlay_masks
 from groundlab.eval.mask_miou import MaskIoUMeter
@@ -58,7 +59,7 @@ def run(cfg: DictConfig) -> Dict[str, float]:
     device = torch.device("cuda" if torch.cuda.is_available() and inf.num_gpus > 0 else "cpu")
     predictor, ckpt = load_predictor(inf.checkpoint, inf, device)
     ann_path, img_dir = _inputs(cfg)
-    source = open_source(img_dir, "inference.img_dir", cfg.cache_dir)
+    source = open_images(img_dir, "inference.img_dir", cfg.cache_dir)
     data = read_mal_instances(ann_path, source, need_masks=inf.load_mask, skip_missing=True, keep_data=True)
     dataset = MALCropDataset(data, source, checkpoint_crop_size(cfg, ckpt), False, cfg.train.margin_rate,
                              cfg.train.test_margin_rate, with_gt=inf.load_mask)
