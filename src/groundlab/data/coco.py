@@ -7,6 +7,8 @@ or a name (a text prompt could not tell them apart). `segmentation` is optional 
 which box-only exporters write, counts as none). Crowd annotations are kept and flagged (`iscrowd`), so
 training can skip them and evaluation can pass them to COCOeval. Every annotation left out at read time
 (image missing, zero-area box, box outside the image) is listed with its reason in `CocoFile.dropped`.
+Images whose width/height are their stored size while EXIF would turn them are read as stored, and the
+log says so once (`exif_orientation`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from groundlab.data.box_checks import clean_box, parse_box
+from groundlab.data.exif_orientation import OrientationCheck
 from groundlab.data.image_source import ImageSource
 from groundlab.data.json_files import load_json
 from groundlab.data.read_stats import ReadStats
@@ -114,6 +117,7 @@ def read_coco_file(
 
     out = CocoFile(json_file, RecordIndex.build([]), names, category_ids, ReadStats(json_file),
                    data=data if keep_data else None)
+    orientation = OrientationCheck(json_file, source)
 
     def drop(ann_index: int, ann: Dict[str, Any], reason: str) -> None:
         out.dropped.append({"ann_id": ann.get("id"), "ann_index": ann_index, "image_id": ann.get("image_id"),
@@ -134,6 +138,7 @@ def read_coco_file(
                 continue
             h, w = img.get("height"), img.get("width")
             h, w = (int(h) if h is not None else None), (int(w) if w is not None else None)
+            orientation.check(img["file_name"], h, w)  # only to tell it once: decode_rgb applies the rule
             rec = {"kind": "detection", "file_name": img["file_name"], "height": h, "width": w,
                    "image_id": image_id, "where": where_img, "boxes": [], "labels": [], "iscrowd": [],
                    "areas": [], "ann_ids": [], "ann_indices": [], "clamped": [], "masks": []}
@@ -167,6 +172,7 @@ def read_coco_file(
     out.records = RecordIndex.build(records())
     out.dropped.sort(key=lambda d: d["ann_index"])
     out.stats.log()
+    orientation.log()
     return out
 
 

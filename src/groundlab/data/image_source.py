@@ -92,6 +92,11 @@ class ImageSource(ABC):
     def read(self, name: str) -> bytes:
         """Return the bytes of image ``name``; :class:`ImageSourceError` if absent."""
 
+    def read_head(self, name: str, size: int) -> bytes:
+        """The first ``size`` bytes of image ``name`` (all of it when shorter), for header checks
+        that must not read whole photos; :class:`ImageSourceError` if absent."""
+        return self.read(name)[:size]
+
     @abstractmethod
     def exists(self, name: str) -> bool:
         """Whether ``read(name)`` would find an image."""
@@ -144,6 +149,13 @@ class FolderSource(ImageSource):
             raise ImageSourceError(
                 f"cannot read image {name!r} from folder {self.path!r}: {e}", source=self.path, name=name
             ) from e
+
+    def read_head(self, name: str, size: int) -> bytes:
+        try:
+            with open(self._full(name), "rb") as f:
+                return f.read(size)
+        except OSError:
+            return self.read(name)  # raises the same error read() gives
 
     def exists(self, name: str) -> bool:
         return os.path.isfile(self._full(name))
@@ -348,10 +360,17 @@ class TarSource(ImageSource):
         return self._fh
 
     def read(self, name: str) -> bytes:
+        return self._read(name, None)
+
+    def read_head(self, name: str, size: int) -> bytes:
+        return self._read(name, size)
+
+    def _read(self, name: str, limit: int | None) -> bytes:
         hit = self._lookup(name)
         if hit is None:
             raise self._error(f"image {name!r} not found in tar archive {self.path!r}", name)
         offset, size = hit
+        size = size if limit is None else min(size, limit)
         try:
             fh = self._file()
             with self._lock:  # seek+read is not atomic across threads
