@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from groundlab.data.image_decode import ImageDecodeError, decode_rgb, image_size
+from groundlab.data.image_decode import ImageDecodeError, decode_rgb, image_size, keeps_stored_pixels, reads_as_stored
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 
@@ -53,6 +53,39 @@ def test_image_size_honours_exif(fmt):
     assert image_size(_oriented(fmt, 3)) == (16, 32)  # 180 degrees: no swap
     plain = _save(Image.new("RGB", (5, 3)), "PNG")
     assert image_size(plain) == (3, 5)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_annotated_at_the_stored_size_reads_as_stored(fmt):
+    data = _oriented(fmt, 6)  # stored 16 high x 32 wide, displayed 32 x 16
+    stored = decode_rgb(data, "rot.jpg", annotated_size=(16, 32))
+    _check(stored, 16, 32)
+    assert np.abs(stored[1, 1].astype(int) - RED).max() < 40  # the red block stays at the stored top-left
+    assert decode_rgb(data, annotated_size=(32, 16)).shape == (32, 16, 3)  # displayed size: turned
+    assert decode_rgb(data, annotated_size=(10, 10)).shape == (32, 16, 3)  # neither: turned, as without a size
+    assert decode_rgb(_oriented(fmt, 3), annotated_size=(16, 32)).shape == (16, 32, 3)
+    assert reads_as_stored(data, (16, 32)) and not reads_as_stored(data, (32, 16))
+    assert not reads_as_stored(data, None) and not reads_as_stored(_oriented(fmt, 1), (16, 32))
+
+
+def test_the_stored_pixels_rule():
+    for orientation in (5, 6, 7, 8):
+        assert keeps_stored_pixels(orientation, (16, 32), (16, 32))
+        assert not keeps_stored_pixels(orientation, (16, 32), (32, 16))
+        assert not keeps_stored_pixels(orientation, (20, 20), (20, 20))  # square: turning keeps the size
+        assert not keeps_stored_pixels(orientation, (16, 32), None)
+    for orientation in (1, 2, 3, 4):  # no side swap: the orientation always applies
+        assert not keeps_stored_pixels(orientation, (16, 32), (16, 32))
+
+
+def test_reads_as_stored_from_a_jpeg_head_only():
+    big = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    data = _save(big, "JPEG", exif=exif.tobytes(), quality=95)
+    assert len(data) > 4096 and reads_as_stored(data[:4096], (300, 400))
+    with pytest.raises(ImageDecodeError):
+        reads_as_stored(data[:100], (300, 400))  # cut inside the header: the caller reads the whole file
 
 
 def test_grayscale_and_bilevel():

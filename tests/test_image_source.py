@@ -81,6 +81,16 @@ def test_folder_tar_and_targz_agree(dataset):
         assert src.exists("notes.txt") and not src.exists("missing.png")
 
 
+def test_read_head_reads_only_the_first_bytes(dataset):
+    for src in (open_image_source(dataset["folder"]), open_image_source(dataset["tar"]),
+                open_image_source(dataset["tgz"], cache_dir=dataset["cache"]), open_image_source(dataset["top"])):
+        for name, data in dataset["blobs"].items():
+            assert src.read_head(name, 10) == data[:10]
+            assert src.read_head(name, 10**6) == data
+        with pytest.raises(ImageSourceError, match="nope.jpg"):
+            src.read_head("nope.jpg", 10)
+
+
 def test_folder_accepts_absolute_names(dataset):
     src = FolderSource(dataset["folder"])
     absolute = os.path.join(dataset["folder"], "a.png")

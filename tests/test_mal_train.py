@@ -127,3 +127,38 @@ def test_inference_writes_masks_on_every_box_and_lists_the_rest(compose, trained
 def test_inference_needs_a_checkpoint_and_an_output(compose, tmp_path):
     with pytest.raises(ConfigError, match="inference.checkpoint"):
         run_action(compose(TINY_MAL + ["action=inference"], results_dir=str(tmp_path)))
+
+
+def test_inference_reads_a_rotated_photo_as_its_json_says(compose, trained, tmp_path, caplog):
+    """A phone photo (EXIF orientation 6) annotated on its stored pixels: inference reads it as stored (it used to
+    stop with a traceback on the size mismatch) and says so once; annotated on the displayed image, it is turned."""
+    from PIL import Image
+
+    run_dir = trained[0]
+    (tmp_path / "img").mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    for name in ("stored.jpg", "shown.jpg"):
+        im = Image.new("RGB", (96, 64), (30, 30, 200))
+        im.paste((230, 30, 30), (10, 10, 40, 40))
+        im.save(tmp_path / "img" / name, exif=exif)
+    data = {"images": [{"id": 1, "file_name": "stored.jpg", "height": 64, "width": 96},
+                       {"id": 2, "file_name": "shown.jpg", "height": 96, "width": 64}],
+            "categories": [{"id": 1, "name": "red circle"}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 30, 30]},
+                            {"id": 2, "image_id": 2, "category_id": 1, "bbox": [24, 10, 30, 30]}]}
+    (tmp_path / "boxes.json").write_text(json.dumps(data))
+    out = tmp_path / "with_masks.json"
+    cfg = compose(TINY_MAL + ["action=inference", f"inference.checkpoint={run_dir / 'mal_model_latest.pth'}",
+                              f"inference.ann_path={tmp_path / 'boxes.json'}", f"inference.img_dir={tmp_path / 'img'}",
+                              f"inference.label_dump_path={out}", "inference.draw_images=2"],
+                  results_dir=str(tmp_path / "inf"))
+    caplog.set_level("WARNING")
+    metrics = run_action(cfg)
+    assert metrics["masks_written"] == 2 and metrics["boxes_skipped"] == 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "groundlab.data.exif_orientation"]
+    assert len(lines) == 1 and "1 image (e.g. 'stored.jpg')" in lines[0]
+    written = {a["id"]: a for a in json.loads(out.read_text())["annotations"]}
+    assert written[1]["segmentation"]["size"] == [64, 96] and written[2]["segmentation"]["size"] == [96, 64]
+    drawn = {p.name: Image.open(p).size for p in (tmp_path / "inf" / "inference" / "images").glob("*.jpg")}
+    assert drawn == {"stored.jpg": (96, 64), "shown.jpg": (64, 96)}

@@ -24,10 +24,10 @@ from tqdm import tqdm
 from groundlab.actions.mal_evaluate import checkpoint_crop_size, load_predictor
 from groundlab.ops.atomic_write import atomic_write_text
 from groundlab.config import ConfigError
-from groundlab.data.image_decode import decode_rgb
-from groundlab.data.mal_sources import mal_paths, open_source
+from groundlab.data.mal_sources import mal_paths
 from groundlab.data.mal_dataset import MALCropDataset, collate_crops
 from groundlab.data.mal_instances import read_mal_instances
+from groundlab.data.sources import open_images
 from groundlab.ops.masks import encode_mask
 from groundlab.deploy.mask_overlay import overlay_masks
 from groundlab.engine.devices import run_device
@@ -59,7 +59,7 @@ def run(cfg: DictConfig) -> Dict[str, float]:
     device = run_device(inf.num_gpus, inf.gpu_ids)
     predictor, ckpt = load_predictor(inf.checkpoint, inf, device)
     ann_path, img_dir = _inputs(cfg)
-    source = open_source(img_dir, "inference.img_dir", cfg.cache_dir)
+    source = open_images(img_dir, "inference.img_dir", cfg.cache_dir)
     data = read_mal_instances(ann_path, source, need_masks=inf.load_mask, skip_missing=True, keep_data=True)
     dataset = MALCropDataset(data, source, checkpoint_crop_size(cfg, ckpt), False, (0.0, 0.0),
                              cfg.model.test_margin_rate, with_gt=inf.load_mask)
@@ -70,6 +70,7 @@ def run(cfg: DictConfig) -> Dict[str, float]:
     out = copy.deepcopy(data.data)
     anns = out.get("annotations", [])
     drawn: Dict[str, list] = defaultdict(list)  # file name -> [(region, place, label, box)] for the annotated images
+    sizes: Dict[str, tuple] = {}  # file name -> the json's (height, width)
     empty = []  # boxes whose predicted mask has no pixel: written (area 0) and reported
     limit = inf.draw_images if inf.draw_images >= 0 else float("inf")
     for batch in tqdm(loader, desc="inference", unit="batch"):
@@ -88,6 +89,7 @@ def run(cfg: DictConfig) -> Dict[str, float]:
                 ann["mal_iou"] = iou
             if rec["file_name"] in drawn or len(drawn) < limit:
                 drawn[rec["file_name"]].append((region, (x1, y1, x2, y2), rec["label"], rec["box"]))
+                sizes[rec["file_name"]] = (rec["height"], rec["width"])
     out["mal_skipped"] = data.skipped
     path = os.path.abspath(os.path.expanduser(inf.label_dump_path))
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -95,7 +97,7 @@ def run(cfg: DictConfig) -> Dict[str, float]:
     image_dir = os.path.join(cfg.results_dir, "inference", "images")
     os.makedirs(image_dir, exist_ok=True)
     for name, items in drawn.items():
-        image = decode_rgb(source.read(name), name)
+        image = dataset.image(name, *sizes[name])  # as the crops saw it (EXIF orientation, see decode_rgb)
         masks = []
         for region, (x1, y1, x2, y2), _, _ in items:
             full = np.zeros(image.shape[:2], dtype=bool)

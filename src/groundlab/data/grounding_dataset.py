@@ -78,8 +78,10 @@ class GroundingDataset(torch.utils.data.Dataset):
         return s, self.sources[s].records[index - start]
 
     def load_image(self, s: int, rec: Dict[str, Any]) -> np.ndarray:
-        """(H, W, 3) uint8 RGB of a record."""
-        return decode_rgb(self.sources[s].images.read(rec["file_name"]), rec["file_name"])
+        """(H, W, 3) uint8 RGB of a record; read as stored (EXIF orientation not applied) when the record's
+        height/width are the stored size, since its boxes were drawn on those pixels."""
+        size = (rec["height"], rec["width"]) if rec.get("height") and rec.get("width") else None
+        return decode_rgb(self.sources[s].images.read(rec["file_name"]), rec["file_name"], annotated_size=size)
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
         s, rec = self.locate(index)

@@ -10,6 +10,11 @@ Two rules matter for detection/segmentation labels:
   an orientation tag; annotation tools (and COCO) draw boxes on the image as
   *displayed*, so pixels must be rotated the same way or boxes land on the
   wrong objects. :func:`image_size` reports the displayed size too.
+  The exception: some tools ignore the tag and draw on the *stored* pixels. When
+  the annotation's image size (``annotated_size``, the json's height/width) is
+  the stored size and not the displayed one (orientations 5-8 of a non-square
+  image, which swap its sides), the image is read as stored
+  (:func:`keeps_stored_pixels`, the one rule every reader and dataset uses).
 * **Every mode becomes RGB.** Grayscale, palette (with or without
   transparency), alpha, CMYK and 16/32-bit/float grayscale all end up as three
   uint8 channels. High-bit-depth images are rescaled from their actual value
@@ -21,11 +26,12 @@ from __future__ import annotations
 
 import io
 import warnings
+from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["ImageDecodeError", "decode_rgb", "image_size"]
+__all__ = ["ImageDecodeError", "decode_rgb", "image_size", "keeps_stored_pixels", "reads_as_stored"]
 
 # Modes whose pixels are (possibly high-bit-depth) single-channel numbers.
 _NUMERIC_MODES = frozenset({"I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
@@ -97,15 +103,31 @@ def _to_rgb(im: Image.Image) -> Image.Image | np.ndarray:
     return im.convert("RGB")
 
 
-def decode_rgb(data: bytes, name: str = "<bytes>") -> np.ndarray:
-    """Decode image bytes to RGB pixels, EXIF orientation applied.
+def keeps_stored_pixels(orientation: int, stored_size: Sequence[int], annotated_size: Optional[Sequence[int]]) -> bool:
+    """Whether an image is read as stored, its EXIF orientation not applied.
+
+    True when the orientation (5-8) swaps the sides of a non-square image and ``annotated_size``
+    ``(height, width)`` is the stored size: the annotations were drawn on the stored pixels, and
+    rotating them would put every box on the wrong place. Otherwise (no annotated size, the displayed
+    size, or neither) the orientation is applied, as annotation tools normally draw on the displayed image.
+    """
+    if annotated_size is None or orientation not in _TRANSPOSED_ORIENTATIONS:
+        return False
+    h, w = stored_size
+    return h != w and (int(annotated_size[0]), int(annotated_size[1])) == (h, w)
+
+
+def decode_rgb(data: bytes, name: str = "<bytes>", annotated_size: Optional[Sequence[int]] = None) -> np.ndarray:
+    """Decode image bytes to RGB pixels, EXIF orientation applied (see :func:`keeps_stored_pixels`).
 
     Args:
         data: encoded image (JPEG, PNG, BMP, WebP, TIFF, ... anything PIL reads).
         name: used in error messages only.
+        annotated_size: ``(height, width)`` the annotations were drawn on (the json's), if known.
 
     Returns:
-        ``(H, W, 3)`` uint8, C-contiguous, writable; ``H``/``W`` as displayed.
+        ``(H, W, 3)`` uint8, C-contiguous, writable; ``H``/``W`` as displayed, or as stored when
+        the annotations say they were drawn on the stored pixels.
 
     Raises:
         ImageDecodeError: the bytes are not a decodable image (names ``name``).
@@ -116,7 +138,9 @@ def decode_rgb(data: bytes, name: str = "<bytes>") -> np.ndarray:
     except Exception as e:  # truncated/corrupt pixel data surfaces here
         raise ImageDecodeError(f"cannot decode image {name!r}: {e}", name) from e
     try:
-        im = ImageOps.exif_transpose(im)
+        # after load(): a PNG's eXIf chunk may follow the pixel data
+        if not keeps_stored_pixels(_exif_orientation(im), (im.height, im.width), annotated_size):
+            im = ImageOps.exif_transpose(im)
     except Exception as e:
         # Broken EXIF should not lose an otherwise good image; say so and go on.
         warnings.warn(f"ignoring unreadable EXIF orientation of image {name!r}: {e}", stacklevel=2)
@@ -134,6 +158,11 @@ def decode_rgb(data: bytes, name: str = "<bytes>") -> np.ndarray:
     return arr
 
 
+def _exif_orientation(im: Image.Image) -> int:
+    value = im.getexif().get(_ORIENTATION_TAG, 1)
+    return value if isinstance(value, int) else 1
+
+
 def _orientation(im: Image.Image) -> int:
     # PIL's PNG getexif() fully decodes the image when the eXIf chunk was not in
     # the header (it may follow the pixel data); only a header eXIf is honoured
@@ -141,10 +170,9 @@ def _orientation(im: Image.Image) -> int:
     if im.format == "PNG" and "exif" not in im.info:
         return 1
     try:
-        value = im.getexif().get(_ORIENTATION_TAG, 1)
+        return _exif_orientation(im)
     except Exception:
         return 1  # same leniency as decode_rgb: broken EXIF means "as stored"
-    return value if isinstance(value, int) else 1
 
 
 def image_size(data: bytes, name: str = "<bytes>") -> tuple[int, int]:
@@ -162,3 +190,14 @@ def image_size(data: bytes, name: str = "<bytes>") -> tuple[int, int]:
     if _orientation(im) in _TRANSPOSED_ORIENTATIONS:
         return w, h
     return h, w
+
+
+def reads_as_stored(data: bytes, annotated_size: Optional[Sequence[int]], name: str = "<bytes>") -> bool:
+    """What :func:`decode_rgb` with ``annotated_size`` will decide, from the header only.
+
+    ``data`` may be just the file's first bytes (a JPEG's EXIF comes before its pixels); when they end
+    before the header does, :class:`ImageDecodeError` says so and the caller reads the whole file.
+    """
+    im = _open(data, name)
+    w, h = im.size
+    return keeps_stored_pixels(_orientation(im), (h, w), annotated_size)

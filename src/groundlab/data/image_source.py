@@ -24,7 +24,7 @@ from abc import ABC, abstractmethod
 from contextlib import suppress
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageSourceError", "ImageSource", "FolderSource", "TarSource",
-           "open_image_source", "default_cache_dir"]
+           "open_image_source", "default_cache_dir", "archive_cache_root"]
 
 #: Lower-case suffixes that :meth:`ImageSource.names` treats as images.
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
@@ -57,6 +57,17 @@ def default_cache_dir() -> str:
     )
 
 
+def archive_cache_root(cache_dir: str | None = None) -> str:
+    """The one folder where every model keeps decompressed ``.tar.gz`` archives: ``{cache_dir}/tar``.
+
+    ``cache_dir`` is groundlab's cache (the config's ``cache_dir``; ``~`` is expanded), or
+    :func:`default_cache_dir` when ``None``. Every caller passes that root, never a sub-folder of its own,
+    so the same archive opened for two models (or two actions) is decompressed once.
+    """
+    root = os.path.expanduser(cache_dir) if cache_dir else default_cache_dir()
+    return os.path.join(root, "tar")
+
+
 def _is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
@@ -80,6 +91,11 @@ class ImageSource(ABC):
     @abstractmethod
     def read(self, name: str) -> bytes:
         """Return the bytes of image ``name``; :class:`ImageSourceError` if absent."""
+
+    def read_head(self, name: str, size: int) -> bytes:
+        """The first ``size`` bytes of image ``name`` (all of it when shorter), for header checks
+        that must not read whole photos; :class:`ImageSourceError` if absent."""
+        return self.read(name)[:size]
 
     @abstractmethod
     def exists(self, name: str) -> bool:
@@ -134,6 +150,13 @@ class FolderSource(ImageSource):
                 f"cannot read image {name!r} from folder {self.path!r}: {e}", source=self.path, name=name
             ) from e
 
+    def read_head(self, name: str, size: int) -> bytes:
+        try:
+            with open(self._full(name), "rb") as f:
+                return f.read(size)
+        except OSError:
+            return self.read(name)  # raises the same error read() gives
+
     def exists(self, name: str) -> bool:
         return os.path.isfile(self._full(name))
 
@@ -172,7 +195,7 @@ class TarSource(ImageSource):
     without that directory (``a.jpg``) answer too, and :meth:`names` lists them.
 
     **Compressed archives.** gzip has no random access, so a ``.tar.gz`` is
-    stream-decompressed *once* into ``{cache_dir}/tar/{key}.tar``, where ``key``
+    stream-decompressed *once* into ``{cache_dir}/tar/{key}.tar`` (:func:`archive_cache_root`), where ``key``
     is the sha1 of (absolute path, size, mtime_ns). The file is written under a
     temporary name in the same directory and moved into place with
     :func:`os.replace`, so concurrent processes never see a partial file and a
@@ -188,7 +211,7 @@ class TarSource(ImageSource):
 
     Args:
         path: the archive.
-        cache_dir: where decompressed ``.tar.gz`` archives are kept.
+        cache_dir: groundlab's cache; decompressed ``.tar.gz`` archives go to :func:`archive_cache_root` of it.
 
     Raises:
         ImageSourceError: missing, unsupported, corrupt or truncated archive.
@@ -230,7 +253,7 @@ class TarSource(ImageSource):
         st = os.stat(self.path)
         ident = f"{os.path.abspath(self.path)}\0{st.st_size}\0{st.st_mtime_ns}"
         key = hashlib.sha1(ident.encode("utf-8", "surrogateescape")).hexdigest()
-        out_dir = os.path.join(self.cache_dir, "tar")
+        out_dir = archive_cache_root(self.cache_dir)
         final = os.path.join(out_dir, key + ".tar")
         if os.path.isfile(final):
             return final  # only ever created by os.replace below, so it is complete
@@ -337,10 +360,17 @@ class TarSource(ImageSource):
         return self._fh
 
     def read(self, name: str) -> bytes:
+        return self._read(name, None)
+
+    def read_head(self, name: str, size: int) -> bytes:
+        return self._read(name, size)
+
+    def _read(self, name: str, limit: int | None) -> bytes:
         hit = self._lookup(name)
         if hit is None:
             raise self._error(f"image {name!r} not found in tar archive {self.path!r}", name)
         offset, size = hit
+        size = size if limit is None else min(size, limit)
         try:
             fh = self._file()
             with self._lock:  # seek+read is not atomic across threads
@@ -383,7 +413,7 @@ def open_image_source(path: str, cache_dir: str | None = None) -> ImageSource:
 
     Args:
         path: folder or archive.
-        cache_dir: passed to :class:`TarSource` (decompressed ``.tar.gz`` cache).
+        cache_dir: groundlab's cache, passed to :class:`TarSource` (see :func:`archive_cache_root`).
 
     Raises:
         ImageSourceError: ``path`` does not exist, or is a file of another kind.

@@ -52,14 +52,16 @@ class MALCropDataset(Dataset):
     def __len__(self) -> int:
         return len(self.data.instances)
 
-    def _image(self, name: str) -> np.ndarray:
+    def image(self, name: str, height: int, width: int) -> np.ndarray:
+        """(H, W, 3) uint8 RGB of image `name`, annotated at (height, width): read as stored (EXIF
+        orientation not applied) when that is its stored size, since the boxes were drawn on those pixels."""
         if self._cached is None or self._cached[0] != name:
-            self._cached = (name, decode_rgb(self.source.read(name), name))
+            self._cached = (name, decode_rgb(self.source.read(name), name, annotated_size=(height, width)))
         return self._cached[1]
 
     def __getitem__(self, i: int) -> Dict[str, Any]:
         rec = self.data.instances[i]
-        image = self._image(rec["file_name"])
+        image = self.image(rec["file_name"], rec["height"], rec["width"])
         h, w = image.shape[:2]
         if (h, w) != (rec["height"], rec["width"]):
             raise ValueError(f"{self.data.json_file}: image {rec['file_name']!r} is {w}x{h}, the json says "

@@ -3,14 +3,12 @@ dataset (box-only train json, val json with masks) for dataset=mal_synthetic."""
 
 from __future__ import annotations
 
-import os
 from typing import Dict
 
 from omegaconf import DictConfig
 
-from groundlab.data.image_source import ImageSourceError, open_image_source
 from groundlab.data.mal_instances import read_mal_instances
-from groundlab.data.sources import synthetic_paths
+from groundlab.data.sources import open_images, synthetic_paths
 from groundlab.errors import DataError
 
 
@@ -26,21 +24,12 @@ def mal_paths(cfg: DictConfig) -> Dict[str, str]:
             "val_img": d.val_img_dir}
 
 
-def open_source(path: str, key: str, cache_dir: str):
-    if not path:
-        raise DataError(f"{key} is empty: give the image folder or .tar/.tar.gz")
-    try:
-        return open_image_source(os.path.expanduser(path), os.path.join(cache_dir, "archives"))
-    except ImageSourceError as e:
-        raise DataError(f"{key}: {e}") from None
-
-
 def read_split(cfg: DictConfig, ann: str, img: str, key: str, train: bool) -> tuple:
     """(MALInstances, image source) of one split; training applies min/max_obj_size, evaluation needs masks."""
     d = cfg.dataset
     if not ann:
         raise DataError(f"dataset.{key}_ann_path is empty")
-    source = open_source(img, f"dataset.{key}_img_dir", cfg.cache_dir)
+    source = open_images(img, f"dataset.{key}_img_dir", cfg.cache_dir)
     if train:
         inst = read_mal_instances(ann, source, d.min_obj_size, d.max_obj_size, skip_missing=d.skip_missing_images)
     else:

@@ -5,7 +5,8 @@ One image per line; the image key is `file_name` (TAO) or `filename` (Open-Groun
   "mask": <COCO polygons or RLE, optional>}]}} with a label map file {"0": "person", ...}.
 - grounding: {"grounding": {"caption": "...", "regions": [{"bbox": [...], "phrase": "a dog",
   "tokens_positive": [[start, end]] (optional)}]}}.
-Records are streamed into a RecordIndex; errors name `file:line`.
+Records are streamed into a RecordIndex; errors name `file:line`. A line's height/width, when given, are
+the size its boxes were drawn on (see `exif_orientation` for photos whose EXIF would turn them).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from groundlab.data.box_checks import clean_box, parse_box
+from groundlab.data.exif_orientation import OrientationCheck
 from groundlab.errors import DataError
 from groundlab.data.image_source import ImageSource
 from groundlab.data.json_files import iter_jsonl, load_json
@@ -106,9 +108,10 @@ def _grounding(obj, h, w, where, stats) -> Dict[str, Any]:
 
 def iter_odvg(
     json_file: str, label_to_idx: Optional[Dict[int, int]], source: Optional[ImageSource],
-    skip_missing: bool, stats: ReadStats,
+    skip_missing: bool, stats: ReadStats, orientation: Optional[OrientationCheck] = None,
 ) -> Iterator[Dict[str, Any]]:
-    """Parse and validate each line into a record dict (see read_odvg)."""
+    """Parse and validate each line into a record dict (see read_odvg); `orientation` notes the images
+    read as stored (EXIF not applied) because the line's height/width are their stored size."""
     for lineno, where, obj in iter_jsonl(json_file):
         name, h, w = _image_fields(obj, where)
         if source is not None and not source.exists(name):
@@ -119,6 +122,8 @@ def iter_odvg(
                 )
             stats.add("missing images skipped", where)
             continue
+        if orientation is not None:
+            orientation.check(name, h, w)
         if "detection" in obj:
             rec = _detection(obj, label_to_idx, h, w, where, stats)
         elif "grounding" in obj:
@@ -143,6 +148,8 @@ def read_odvg(
     add caption, phrases, spans (per phrase: [[start, end], ...] or None)."""
     names, label_to_idx = read_label_map(label_map) if label_map else ([], None)
     stats = ReadStats(json_file)
-    index = RecordIndex.build(iter_odvg(json_file, label_to_idx, source, skip_missing, stats))
+    orientation = OrientationCheck(json_file, source)
+    index = RecordIndex.build(iter_odvg(json_file, label_to_idx, source, skip_missing, stats, orientation))
     stats.log()
+    orientation.log()
     return index, names, stats

@@ -12,9 +12,10 @@ import torch
 from groundlab.text.captions import Prompt, Span
 from groundlab.errors import DataError
 from groundlab.data.image_decode import decode_rgb
-from groundlab.data.image_source import ImageSource, ImageSourceError, open_image_source
+from groundlab.data.image_source import ImageSource
 from groundlab.data.json_files import iter_jsonl
 from groundlab.data.read_stats import ReadStats
+from groundlab.data.sources import open_images
 
 
 @dataclass(frozen=True)
@@ -46,13 +47,8 @@ def caption_prompt(caption: str) -> Prompt:
 def open_sources(image_dirs: Sequence[str], cache_dir: Optional[str]) -> List[ImageSource]:
     if not image_dirs:
         raise DataError("dataset.infer_data_sources.image_dir is empty: give folders or .tar/.tar.gz archives")
-    sources = []
-    for i, path in enumerate(image_dirs):
-        try:
-            sources.append(open_image_source(path, cache_dir=cache_dir))
-        except ImageSourceError as err:
-            raise DataError(f"dataset.infer_data_sources.image_dir[{i}]: {err}") from None
-    return sources
+    return [open_images(path, f"dataset.infer_data_sources.image_dir[{i}]", cache_dir)
+            for i, path in enumerate(image_dirs)]
 
 
 def list_raw(sources: Sequence[ImageSource]) -> List[InferItem]:

@@ -1,5 +1,7 @@
 """From the `dataset` config to annotated sources: the synthetic dataset is generated (once) and
-its files filled in; each data source's annotation format follows its file (`.jsonl` ODVG, `.json` COCO)."""
+its files filled in; each data source's annotation format follows its file (`.jsonl` ODVG, `.json` COCO).
+Image folders and archives of every model open through `open_images`, so a `.tar.gz` is decompressed once
+into the one archive cache (`image_source.archive_cache_root`), whichever model reads it."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from groundlab.data.coco import read_coco
 from groundlab.errors import DataError
 from groundlab.data.grounding_dataset import AnnotatedSource
-from groundlab.data.image_source import ImageSourceError, open_image_source
+from groundlab.data.image_source import ImageSource, ImageSourceError, open_image_source
 from groundlab.data.odvg import read_odvg
 from groundlab.data.synthetic import SyntheticPaths, SyntheticSpec, ensure_synthetic
 
@@ -26,6 +28,20 @@ def synthetic_spec(cfg: DictConfig) -> SyntheticSpec:
 def synthetic_paths(dataset: DictConfig, cache_dir: str) -> SyntheticPaths:
     """Generate (first use) or reuse the synthetic dataset of `dataset.synthetic`."""
     return ensure_synthetic(synthetic_spec(dataset.synthetic), os.path.expanduser(cache_dir))
+
+
+def open_images(path: str, key: str, cache_dir: Optional[str]) -> ImageSource:
+    """The image folder or `.tar`/`.tar.gz` archive at `path` (`~` expanded), for any model and action.
+
+    `cache_dir` is groundlab's cache (the config's `cache_dir`), never a sub-folder: archives are
+    decompressed under `archive_cache_root(cache_dir)`. `key` is the config key that named `path`
+    (e.g. "dataset.train_img_dir"); a bad path is a DataError naming it."""
+    if not path:
+        raise DataError(f"{key} is empty: give the image folder or .tar/.tar.gz")
+    try:
+        return open_image_source(os.path.expanduser(path), cache_dir=cache_dir)
+    except ImageSourceError as err:
+        raise DataError(f"{key}: {err}") from None
 
 
 def resolve_sources(dataset: DictConfig, cache_dir: str) -> Dict[str, Any]:
@@ -50,13 +66,9 @@ def load_source(source: Dict[str, Any], key: str, cache_dir: str, skip_missing: 
     """Read one source's annotations, checking every image exists. `key` is the config key that named it
     (e.g. "dataset.train_data_sources[0]") so a bad path is reported where the user wrote it."""
     json_file = source.get("json_file") or ""
-    image_dir = source.get("image_dir") or ""
     if not json_file or not os.path.isfile(json_file):
         raise DataError(f"{key}.json_file={json_file!r} is not a file")
-    try:
-        images = open_image_source(image_dir, cache_dir=os.path.expanduser(cache_dir))
-    except ImageSourceError as err:
-        raise DataError(f"{key}.image_dir: {err}") from None
+    images = open_images(source.get("image_dir") or "", f"{key}.image_dir", cache_dir)
     if json_file.endswith(".jsonl"):
         records, names, _ = read_odvg(json_file, source.get("label_map"), images, skip_missing)
         return AnnotatedSource(json_file, records, images, names)
