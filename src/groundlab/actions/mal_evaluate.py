@@ -20,55 +20,42 @@ from groundlab.data.mal_dataset import MALCropDataset, collate_crops
 from groundlab.eval.coco_eval import write_results_json
 from groundlab.engine.devices import run_device
 from groundlab.eval.mask_miou import MaskIoUMeter
-from groundlab.models.mal.build import load_mal_network
-from groundlab.models.mal.postprocess import MALPostProcessor
 from groundlab.eval.mask_miou import score_batch
 from groundlab.predict.mal import MALPredictor
 
 log = logging.getLogger(__name__)
 
 
-def load_predictor(checkpoint: str, options: DictConfig, device: torch.device) -> tuple:
-    """(MALPredictor on `device`, checkpoint dict) honouring use_teacher_test / use_mixed_model_test / use_flip_test."""
+def load_predictor(cfg: DictConfig, options: DictConfig) -> MALPredictor:
+    """The MAL predictor of `options.checkpoint` (evaluate / inference settings: teacher, mixed, flip, device);
+    dataset.crop_size is for training, so another value there is reported, not used."""
     try:
-        student, ckpt = load_mal_network(checkpoint, "student")
-        teacher = None
-        if options.use_teacher_test or options.use_mixed_model_test:
-            teacher, _ = load_mal_network(checkpoint, "teacher")
+        predictor = MALPredictor.from_checkpoint(options.checkpoint, cfg.model.mask_thres,
+                                                 run_device(options.num_gpus, options.gpu_ids),
+                                                 options.use_teacher_test, options.use_mixed_model_test,
+                                                 options.use_flip_test)
     except (ValueError, FileNotFoundError) as e:
-        raise ConfigError(f"evaluate/inference checkpoint {checkpoint!r}: {e}") from None
-    predictor = MALPredictor(student.to(device), teacher.to(device) if teacher is not None else None,
-                             options.use_teacher_test, options.use_mixed_model_test, options.use_flip_test)
-    return predictor.eval(), ckpt
-
-
-def checkpoint_crop_size(cfg: DictConfig, ckpt: dict) -> int:
-    """The crop size the checkpoint was trained at (its position embeddings' grid); dataset.crop_size is for
-    training, so another value there is reported, not used."""
-    crop = int(ckpt["crop_size"])
-    if cfg.dataset.crop_size != crop:
-        log.info("crops at the checkpoint's crop size %d (dataset.crop_size=%d applies to training)", crop,
-                 cfg.dataset.crop_size)
-    return crop
+        raise ConfigError(f"evaluate/inference checkpoint {options.checkpoint!r}: {e}") from None
+    if cfg.dataset.crop_size != predictor.crop_size:
+        log.info("crops at the checkpoint's crop size %d (dataset.crop_size=%d applies to training)",
+                 predictor.crop_size, cfg.dataset.crop_size)
+    return predictor
 
 
 def run(cfg: DictConfig) -> Dict[str, float]:
     ev = cfg.evaluate
     if not ev.checkpoint:
         raise ConfigError("evaluate.checkpoint is required (a groundlab MAL checkpoint).")
-    device = run_device(ev.num_gpus, ev.gpu_ids)
-    predictor, ckpt = load_predictor(ev.checkpoint, ev, device)
+    predictor = load_predictor(cfg, ev)
     paths = mal_paths(cfg)
     data, source = read_split(cfg, paths["val_ann"], paths["val_img"], "val", train=False)
-    dataset = MALCropDataset(data, source, checkpoint_crop_size(cfg, ckpt), False, (0.0, 0.0),
+    dataset = MALCropDataset(data, source, predictor.crop_size, False, (0.0, 0.0),
                              cfg.model.test_margin_rate, with_gt=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=ev.batch_size, collate_fn=collate_crops,
                                          num_workers=cfg.dataset.num_workers_per_gpu)
-    post = MALPostProcessor(cfg.model.mask_thres)
     meter = MaskIoUMeter(len(data.class_names))
     for batch in tqdm(loader, desc="evaluate", unit="batch"):
-        logits = predictor(batch["teacher"].to(device), batch["area"].to(device))
-        score_batch(post(logits, batch["ext"], batch["box"], batch["size"], batch["area"]), batch, meter)
+        score_batch(predictor(batch), batch, meter)
     result = meter.compute(data.class_names)
     by_id = {str(data.category_ids[data.class_names.index(name)]): v for name, v in result["per_class"].items()}
     metrics = {k: v for k, v in result.items() if k != "per_class"}

@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from groundlab.actions.mal_evaluate import checkpoint_crop_size, load_predictor
+from groundlab.actions.mal_evaluate import load_predictor
 from groundlab.ops.atomic_write import atomic_write_text
 from groundlab.config import ConfigError
 from groundlab.data.mal_sources import mal_paths
@@ -30,9 +30,7 @@ from groundlab.data.mal_instances import read_mal_instances
 from groundlab.data.sources import open_images
 from groundlab.ops.masks import encode_mask
 from groundlab.deploy.mask_overlay import overlay_masks
-from groundlab.engine.devices import run_device
 from groundlab.eval.mask_miou import MaskIoUMeter
-from groundlab.models.mal.postprocess import MALPostProcessor
 from groundlab.eval.mask_miou import score_batch
 
 log = logging.getLogger(__name__)
@@ -56,16 +54,14 @@ def run(cfg: DictConfig) -> Dict[str, float]:
         raise ConfigError("inference.checkpoint is required (a groundlab MAL checkpoint).")
     if not inf.label_dump_path:
         raise ConfigError("inference.label_dump_path is required: where the json with masks goes.")
-    device = run_device(inf.num_gpus, inf.gpu_ids)
-    predictor, ckpt = load_predictor(inf.checkpoint, inf, device)
+    predictor = load_predictor(cfg, inf)
     ann_path, img_dir = _inputs(cfg)
     source = open_images(img_dir, "inference.img_dir", cfg.cache_dir)
     data = read_mal_instances(ann_path, source, need_masks=inf.load_mask, skip_missing=True, keep_data=True)
-    dataset = MALCropDataset(data, source, checkpoint_crop_size(cfg, ckpt), False, (0.0, 0.0),
+    dataset = MALCropDataset(data, source, predictor.crop_size, False, (0.0, 0.0),
                              cfg.model.test_margin_rate, with_gt=inf.load_mask)
     loader = torch.utils.data.DataLoader(dataset, batch_size=inf.batch_size, collate_fn=collate_crops,
                                          num_workers=cfg.dataset.num_workers_per_gpu)
-    post = MALPostProcessor(cfg.model.mask_thres)
     meter = MaskIoUMeter(len(data.class_names))
     out = copy.deepcopy(data.data)
     anns = out.get("annotations", [])
@@ -74,8 +70,7 @@ def run(cfg: DictConfig) -> Dict[str, float]:
     empty = []  # boxes whose predicted mask has no pixel: written (area 0) and reported
     limit = inf.draw_images if inf.draw_images >= 0 else float("inf")
     for batch in tqdm(loader, desc="inference", unit="batch"):
-        logits = predictor(batch["teacher"].to(device), batch["area"].to(device))
-        masks = post(logits, batch["ext"], batch["box"], batch["size"], batch["area"])
+        masks = predictor(batch)
         ious = score_batch(masks, batch, meter) if inf.load_mask else [None] * len(masks)
         for (region, (x1, y1, x2, y2)), index, iou in zip(masks, batch["index"].tolist(), ious):
             rec = data.instances[index]

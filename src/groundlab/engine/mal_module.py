@@ -17,7 +17,6 @@ from groundlab.eval.mask_miou import MaskIoUMeter
 from groundlab.models.checkpoint import load_checkpoint
 from groundlab.models.mal.build import build_mal_network, network_state
 from groundlab.models.mal.criterion import MALCriterion
-from groundlab.models.mal.postprocess import MALPostProcessor
 from groundlab.eval.mask_miou import score_batch
 from groundlab.predict.mal import MALPredictor
 from groundlab.models.mal.vit_weights import load_mae_weights
@@ -56,7 +55,6 @@ class MALLightning(GroundlabModule):
         self.teacher.eval()
         self.momentum = float(cfg.model.teacher_momentum)
         self.criterion = MALCriterion(cfg.train)
-        self.post = MALPostProcessor(cfg.model.mask_thres)
         self.base_lr = cfg.train.lr * devices * cfg.train.batch_size
         self.min_lr = cfg.train.min_lr if cfg.train.min_lr > 0 else self.base_lr * cfg.train.min_lr_rate
         self.meter: Optional[MaskIoUMeter] = None
@@ -118,15 +116,13 @@ class MALLightning(GroundlabModule):
     # ----------------------------------------------------------------------------------------- validation
     def predictor(self) -> MALPredictor:
         """Validation scores the student (evaluate's teacher / mixed / flip options apply to action=evaluate)."""
-        return MALPredictor(self.student, self.teacher)
+        return MALPredictor.from_model(self.student, self.cfg.model.mask_thres, self.device)
 
     def on_validation_epoch_start(self) -> None:
         self.meter = MaskIoUMeter(len(self.class_names))
 
     def validation_step(self, batch: Dict[str, Any], batch_idx: int) -> None:
-        logits = self.predictor()(batch["teacher"], batch["area"])
-        masks = self.post(logits, batch["ext"], batch["box"], batch["size"], batch["area"])
-        score_batch(masks, batch, self.meter)
+        score_batch(self.predictor()(batch), batch, self.meter)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.world_size > 1:
