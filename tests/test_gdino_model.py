@@ -86,6 +86,7 @@ def test_padding_mask_is_used(tiny):
     assert not torch.allclose(a["pred_boxes"], b["pred_boxes"])
 
 
+@pytest.mark.slow
 def test_onnx_export_matches_pytorch(tiny, tmp_path):
     onnxruntime = pytest.importorskip("onnxruntime")
     model, text, images = tiny

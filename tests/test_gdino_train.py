@@ -76,6 +76,7 @@ def test_killed_and_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path):
     assert resumed_metrics == pytest.approx(whole_metrics, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(compose, tmp_path, monkeypatch):
     from groundlab.models.gdino import criterion as criterion_module
 
@@ -145,6 +146,7 @@ def test_evaluate_reports_original_category_ids(compose, tmp_path):
     assert detections and {d["category_id"] for d in detections} <= {1, 5, 90}
 
 
+@pytest.mark.slow
 def test_two_trial_optuna_sweep(tmp_path):
     sweep_dir = tmp_path / "sweep"
     cmd = [sys.executable, str(REPO / "run.py"), "-m", "sweep=gdino_optuna", *TRAIN[1:], "hydra.sweeper.n_trials=2",
@@ -161,6 +163,7 @@ def test_two_trial_optuna_sweep(tmp_path):
     assert (sweep_dir / "optimization_results.yaml").exists()
 
 
+@pytest.mark.slow
 def test_short_training_clearly_beats_the_untrained_model(compose, tmp_path):
     """The quickstart recipe for 3 epochs (96 steps, ~1 minute): validation mAP50 well above the untrained
     model's on the same images (deterministic: fixed seed, per-sample augmentation seeds)."""
@@ -176,6 +179,7 @@ def test_short_training_clearly_beats_the_untrained_model(compose, tmp_path):
     assert after >= before + 0.05 and after >= 3 * before, (before, after)
 
 
+@pytest.mark.slow
 def test_bf16_trains_and_validates(tmp_path):
     """train.precision=bf16 (bf16 autocast, here on the CPU): training steps and the COCO validation run (the
     evaluator once failed on bf16 scores), and the checkpoint's weights stay fp32. In its own process: after other

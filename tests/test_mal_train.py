@@ -38,12 +38,14 @@ def trained(compose, tmp_path_factory):
     return run_dir, metrics, untrained.last_metrics, cfg
 
 
+@pytest.mark.slow
 def test_short_training_clearly_beats_the_untrained_model(trained):
     _, metrics, before, _ = trained
     assert metrics["val_mIoU"] >= before["val_mIoU"] + 0.1, (before, metrics)
     assert metrics["global_step"] > 0 and {"val_mIoU_small", "val_mIoU_medium"} <= set(metrics)
 
 
+@pytest.mark.slow
 def test_checkpoint_carries_what_evaluate_and_inference_need(trained):
     run_dir = trained[0]
     ckpt = torch.load(run_dir / "mal_model_latest.pth", map_location="cpu", weights_only=True)
@@ -52,6 +54,7 @@ def test_checkpoint_carries_what_evaluate_and_inference_need(trained):
     assert any(k.startswith("teacher.") for k in ckpt["state_dict"]) and "optimizer_states" in ckpt
 
 
+@pytest.mark.slow
 def test_the_same_command_resumes(compose, trained, tmp_path):
     run_dir, metrics, _, _ = trained
     cfg = compose(TINY_MAL + ["train.num_epochs=4"], results_dir=str(run_dir))
@@ -60,6 +63,7 @@ def test_the_same_command_resumes(compose, trained, tmp_path):
     assert again["global_step"] == pytest.approx(4 * steps_per_epoch)  # one more epoch, not four
 
 
+@pytest.mark.slow
 def test_evaluate_writes_miou_per_class_and_size(compose, trained, tmp_path):
     run_dir = trained[0]
     cfg = compose(TINY_MAL + ["action=evaluate", f"evaluate.checkpoint={run_dir / 'mal_model_latest.pth'}",
@@ -71,6 +75,7 @@ def test_evaluate_writes_miou_per_class_and_size(compose, trained, tmp_path):
     assert {"mIoU_small", "mIoU_medium", "mIoU_large", "num_instances"} <= set(results["metrics"])
 
 
+@pytest.mark.slow
 def test_evaluate_on_a_box_only_json_fails_naming_the_file(compose, trained, tmp_path):
     from groundlab.data.sources import synthetic_paths
 
@@ -84,6 +89,7 @@ def test_evaluate_on_a_box_only_json_fails_naming_the_file(compose, trained, tmp
         run_action(bad)
 
 
+@pytest.mark.slow
 def test_inference_writes_masks_on_every_box_and_lists_the_rest(compose, trained, tmp_path):
     from pycocotools.coco import COCO
 
@@ -129,6 +135,7 @@ def test_inference_needs_a_checkpoint_and_an_output(compose, tmp_path):
         run_action(compose(TINY_MAL + ["action=inference"], results_dir=str(tmp_path)))
 
 
+@pytest.mark.slow
 def test_inference_reads_a_rotated_photo_as_its_json_says(compose, trained, tmp_path, caplog):
     """A phone photo (EXIF orientation 6) annotated on its stored pixels: inference reads it as stored (it used to
     stop with a traceback on the size mismatch) and says so once; annotated on the displayed image, it is turned."""
