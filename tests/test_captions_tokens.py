@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import TINY_GDINO
 from groundlab.text.captions import (
     chunk_class_prompts, class_prompt, grounding_prompt, prompt_token_len, sample_detection_prompt, split_class_prompts,
 )
@@ -176,3 +177,15 @@ def test_chunked_prompts_merge_back_to_global_classes(tokenizer):
         assert [names[i] for i in chunked.to_class_ids(k, range(len(prompt.phrases)))] == list(prompt.phrases)
     assert merged == list(range(20))
     assert len(chunk_class_prompts(names[:3], enc.name_len, 256).prompts) == 1
+
+
+def test_a_missing_text_encoder_fails_naming_the_path_it_tried(tmp_path, compose):
+    from groundlab.models.gdino.build import build_gdino
+    from groundlab.text.tokenizer import TextEncoderNotFound, load_tokenizer
+
+    missing = str(tmp_path / "no_bert_here")
+    with pytest.raises(TextEncoderNotFound, match="no_bert_here"):
+        load_tokenizer(missing)
+    cfg = compose(TINY_GDINO + [f"model.text_encoder_type={missing}"])
+    with pytest.raises(TextEncoderNotFound, match="model.text_encoder_type"):
+        build_gdino(cfg.model)  # the model gets its phrase delimiters from the tokenizer: no silent fallback
