@@ -4,13 +4,26 @@ checkpoint says how many batches of which epoch were trained, so a resumed epoch
 
 from __future__ import annotations
 
+import functools
+import random
 from typing import Any, Callable, Dict, Optional
 
 import lightning as L
+import numpy as np
 import torch
 
 from groundlab.engine.resumable_sampler import ResumableSampler
 from groundlab.engine.resume_state import batches_done_in_epoch
+
+
+def seed_worker(seed: int, rank: int, worker_id: int) -> None:
+    """A data-loader worker's python, numpy and torch random states from (seed, epoch, rank, worker)."""
+    info = torch.utils.data.get_worker_info()
+    epoch = int(getattr(info.dataset, "epoch", 0)) if info is not None else 0
+    state = np.random.SeedSequence([seed, epoch, rank, worker_id]).generate_state(2)
+    random.seed(int(state[0]))
+    np.random.seed(int(state[1]))
+    torch.manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
 class ResumableDataModule(L.LightningDataModule):
@@ -38,8 +51,10 @@ class ResumableDataModule(L.LightningDataModule):
             dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
             pin_memory=pin_memory and torch.cuda.is_available(), drop_last=False,
             persistent_workers=False,  # re-created each epoch so they see set_epoch()
-            # worker seeds from the loader's own generator: the global random state stays the training step's
-            generator=torch.Generator().manual_seed(self.seed))
+            # the loader draws from its own generator, so the global random state stays the training step's, and
+            # each worker's random state is a function of (seed, epoch, rank, worker), whatever ran before
+            generator=torch.Generator().manual_seed(self.seed),
+            worker_init_fn=functools.partial(seed_worker, self.seed, rank))
 
     def state_dict(self) -> Dict[str, Any]:
         if self.trainer is None:
