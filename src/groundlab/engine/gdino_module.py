@@ -37,7 +37,7 @@ class GDinoLightning(GroundlabModule):
         self.model.set_activation_checkpointing(bool(cfg.train.activation_checkpoint))
         self.criterion = build_criterion(cfg.model)
         self.evaluator: Optional[CocoEvaluator] = None
-        self._predictor: Optional[GDinoPredictor] = None
+        self.predictor: Optional[GDinoPredictor] = None  # made at the first validation, on its device
 
     def _freeze(self, prefixes) -> None:
         """train.freeze: parameters whose names start with any prefix stop training (e.g. [backbone, bert])."""
@@ -91,17 +91,11 @@ class GDinoLightning(GroundlabModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # ----------------------------------------------------------------------------------------- validation
-    @property
-    def predictor(self) -> GDinoPredictor:
-        if self._predictor is None:
-            self._predictor = GDinoPredictor.from_model(self.model, self.cfg.model, self.device)
-        self._predictor.device = self.device
-        self._predictor.texts.device = self.device
-        return self._predictor
-
     def on_validation_epoch_start(self) -> None:
         class_ids = list(self.cfg.dataset.eval_class_ids) if self.cfg.dataset.eval_class_ids else None
         self.evaluator = CocoEvaluator(self.dm.val_gt_json, class_ids=class_ids)
+        if self.predictor is None or self.predictor.device != self.device:
+            self.predictor = GDinoPredictor.from_model(self.model, self.cfg.model, self.device)
         self.predictor.texts.clear()  # the text encoder may have trained since the last validation
 
     def validation_step(self, batch: Dict[str, Any], batch_idx: int) -> None:
