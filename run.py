@@ -2,11 +2,14 @@
 
 Composes the typed config, checks it, and runs `RECIPES[(model, action)]` (src/groundlab/recipes.py). Returns
 the metric named by `monitor` so Hydra sweepers (grid, Optuna) can optimize it. Heavy libraries (torch,
-transformers, lightning) are imported inside the recipe, so `--help` and config errors answer at once.
+transformers, lightning) are imported inside the recipe, so `--help` and config errors answer at once. An error the
+user fixes (groundlab.errors.UserError: config, data, files) prints one sentence and exits 2; set
+GROUNDLAB_TRACEBACK=1 to see its traceback.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Optional
 
@@ -22,12 +25,16 @@ OmegaConf.register_new_resolver("groundlab_recipes", matrix, replace=True)  # --
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> Optional[float]:
-    from groundlab.runner import ConfigError, monitored, run_action
+    from groundlab.errors import UserError
+    from groundlab.runner import monitored, run_action
 
     try:
         return monitored(cfg, run_action(cfg))
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+    except UserError as err:  # data, config or file errors: the sentence says what to fix
+        if os.environ.get("GROUNDLAB_TRACEBACK"):
+            raise
+        kind = "config error" if type(err).__name__ == "ConfigError" else "error"
+        print(f"{kind}: {err}", file=sys.stderr)
         sys.exit(2)
 
 

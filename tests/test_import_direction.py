@@ -29,7 +29,8 @@ ALLOWED: Dict[str, Set[str]] = {
     "run_record": LEAVES,
     "sweep_report": LEAVES,
     "recipes": LEAVES,
-    "runner": LEAVES | {"recipes", "run_record"},
+    "runner": LEAVES | {"recipes", "run_record", "console"},
+    "console": set(),
     "__init__": set(),
 }
 

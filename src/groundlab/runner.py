@@ -9,6 +9,7 @@ from typing import Dict, Optional
 from omegaconf import DictConfig
 
 from groundlab.config import ConfigError, check_config
+from groundlab.console import quiet_libraries
 from groundlab.recipes import get_recipe
 from groundlab.run_record import write_run_record
 
@@ -23,6 +24,7 @@ def run_action(cfg: DictConfig) -> Dict[str, float]:
     check_config(cfg)
     import torch  # after the checks: a config error must not pay torch's import
 
+    quiet_libraries()
     torch.manual_seed(cfg.seed)
     record = write_run_record(cfg)
     log.info("run dir: %s", record)

@@ -7,11 +7,13 @@ from typing import Callable, List
 
 from omegaconf import DictConfig
 
+from groundlab.errors import UserError
+
 from groundlab.config.schema_dataset import DATASET_TYPES, MAL_DATASET_TYPES
 from groundlab.config.schema_model import MODEL_NAMES
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value (or combination of values) that cannot work; the message names the keys."""
 
 

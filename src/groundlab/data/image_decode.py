@@ -31,6 +31,8 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
+from groundlab.errors import UserError
+
 __all__ = ["ImageDecodeError", "decode_rgb", "image_size", "keeps_stored_pixels", "reads_as_stored"]
 
 # Modes whose pixels are (possibly high-bit-depth) single-channel numbers.
@@ -43,7 +45,7 @@ _ORIENTATION_TAG = 0x0112
 _TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})
 
 
-class ImageDecodeError(Exception):
+class ImageDecodeError(UserError):
     """Bytes that are not a decodable image. ``name`` is the image involved."""
 
     def __init__(self, message: str, name: str = "<bytes>"):

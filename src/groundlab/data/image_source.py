@@ -23,6 +23,8 @@ import zlib
 from abc import ABC, abstractmethod
 from contextlib import suppress
 
+from groundlab.errors import UserError
+
 __all__ = ["IMAGE_EXTENSIONS", "ImageSourceError", "ImageSource", "FolderSource", "TarSource",
            "open_image_source", "default_cache_dir", "archive_cache_root"]
 
@@ -36,7 +38,7 @@ _XZ_MAGIC = b"\xfd7zXZ\x00"
 _CHUNK = 1 << 20  # 1 MiB: the copy buffer when decompressing a .tar.gz
 
 
-class ImageSourceError(Exception):
+class ImageSourceError(UserError):
     """An image (or the whole source) can not be read.
 
     Attributes:

@@ -54,7 +54,7 @@ def build_trainer(cfg: DictConfig, has_validation: bool = True) -> L.Trainer:
         gradient_clip_val=train.clip_grad_norm or None, accumulate_grad_batches=train.get("accum_grad_batches", 1),
         logger=_loggers(cfg), enable_checkpointing=False, callbacks=callbacks,
         use_distributed_sampler=False,  # ResumableSampler shards over the ranks itself
-        num_sanity_val_steps=0, log_every_n_steps=1, fast_dev_run=bool(train.get("is_dry_run", False)),
+        num_sanity_val_steps=0, log_every_n_steps=1, enable_model_summary=False, fast_dev_run=bool(train.get("is_dry_run", False)),
         max_time={"minutes": train.max_time_minutes} if train.max_time_minutes else None,
         **_validation_interval(train, has_validation),
     )
@@ -66,6 +66,9 @@ def fit(cfg: DictConfig, module: GroundlabModule, datamodule: ResumableDataModul
     the final weights if the last validation saw others, and return every scalar metric plus train_time_s,
     epochs and global_step."""
     trainer = build_trainer(cfg, has_validation)
+    total = sum(p.numel() for p in module.parameters())
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    log.info("%s: %.1f M parameters, %.1f M trained", cfg.model.name, total / 1e6, trainable / 1e6)
     resume = cfg.train.resume_training_checkpoint_path or find_resume_checkpoint(cfg.results_dir, cfg.model.name)
     if resume:
         log.info("resuming from %s", resume)
@@ -74,7 +77,7 @@ def fit(cfg: DictConfig, module: GroundlabModule, datamodule: ResumableDataModul
     if has_validation and module.last_metrics_step != trainer.global_step:
         # the final weights were not validated (max_time, an interval that does not divide the epochs, a finished
         # run resumed): validate them now, so the returned metric describes the checkpoint
-        trainer.validate(module, datamodule=datamodule, verbose=False)
+        trainer.validate(module, datamodule=datamodule, verbose=False, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     metrics.update(module.last_metrics)
     metrics.update(train_time_s=time.perf_counter() - start, epochs=float(trainer.current_epoch),

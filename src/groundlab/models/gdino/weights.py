@@ -19,13 +19,14 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from groundlab.errors import UserError
 from groundlab.models.checkpoint import is_groundlab_checkpoint
 from groundlab.models.gdino import weight_keys as W
 
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
-class WeightLoadError(ValueError):
+class WeightLoadError(UserError, ValueError):
     """Weights that do not fit the model; the message lists the keys by prefix."""
 
 
