@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from groundlab.config import ConfigError, check_config
 from groundlab.console import quiet_libraries
-from groundlab.recipes import get_recipe
+from groundlab.recipes import check_recipe, get_recipe
 from groundlab.run_record import write_run_record
 
 log = logging.getLogger(__name__)
@@ -20,9 +20,10 @@ __all__ = ["ConfigError", "monitored", "run_action"]
 
 def run_action(cfg: DictConfig) -> Dict[str, float]:
     """Check `cfg`, seed everything, write the run record, run the recipe; return its metrics."""
+    check_recipe(cfg.model.name, cfg.action.name)
+    check_config(cfg)  # TAO's aliases resolved, every value checked: before the recipe's heavy imports
     action = get_recipe(cfg)
-    check_config(cfg)
-    import torch  # after the checks: a config error must not pay torch's import
+    import torch
 
     quiet_libraries()
     torch.manual_seed(cfg.seed)

@@ -1,20 +1,176 @@
-"""Cross-field checks: rules a single typed field cannot express, each failing with one sentence
-that names the keys involved. Run by run.py right after composition, before any heavy import."""
+"""Start-up checks of a composed config, run by the runner before any heavy import: TAO's aliases resolved
+(groundlab.config.aliases), then every choice and range (RULES: one sentence per failure naming the dotted key,
+its value and what is allowed), then the rules that span keys. All failures of a config are reported together."""
 
 from __future__ import annotations
 
-from typing import Callable, List
+from dataclasses import dataclass
+from typing import Any, Callable, List, Sequence, Tuple
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from groundlab.errors import UserError
-
+from groundlab.config.aliases import resolve_aliases
 from groundlab.config.schema_dataset import DATASET_TYPES, MAL_DATASET_TYPES
 from groundlab.config.schema_model import MODEL_NAMES
+from groundlab.errors import UserError
 
 
 class ConfigError(UserError, ValueError):
     """A config value (or combination of values) that cannot work; the message names the keys."""
+
+
+# ------------------------------------------------------------------------------------ choices and ranges
+@dataclass(frozen=True)
+class Rule:
+    """`ok(value)` says whether a value is allowed; `allowed` ends the sentence "<key>=<value> must be ..."."""
+
+    ok: Callable[[Any], bool]
+    allowed: str
+    choices: Tuple[str, ...] = ()  # one_of's values; a single one pins a TAO key to what we implement
+
+
+def one_of(*choices: str, any_case: bool = False) -> Rule:
+    allowed = f"{choices[0]} (the only value implemented)" if len(choices) == 1 else "one of " + ", ".join(choices)
+    if any_case:
+        return Rule(lambda v: str(v).lower() in {c.lower() for c in choices}, allowed, choices)
+    return Rule(lambda v: v in choices, allowed, choices)
+
+
+def at_least(low: float) -> Rule:
+    return Rule(lambda v: v >= low, f">= {low}")
+
+
+def above(low: float) -> Rule:
+    return Rule(lambda v: v > low, f"> {low}")
+
+
+def within(low: float, high: float, low_open: bool = False, high_open: bool = False) -> Rule:
+    return Rule(lambda v: (v > low if low_open else v >= low) and (v < high if high_open else v <= high),
+                f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}")
+
+
+def each(inner: Rule, sizes: Sequence[int] = ()) -> Rule:
+    """A list whose every element follows `inner` (and whose length is one of `sizes`, when given)."""
+    count = f"{' or '.join(map(str, sizes))} " if sizes else ""
+    return Rule(lambda v: (not sizes or len(v) in sizes) and all(inner.ok(x) for x in v),
+                f"a list of {count}values, each {inner.allowed}")
+
+
+UNIT = one_of("epoch", "step")
+PROBABILITY = within(0, 1)
+FRACTION = within(0, 1, high_open=True)  # momentum, dropout: 1 would freeze / drop everything
+
+# (dotted key, rule): applied where the composed config has the key (the schemas differ per model), skipping
+# None (an Optional key left unset) and ??? (a mandatory key not given yet).
+RULES: List[Tuple[str, Rule]] = [
+    # train: both models
+    ("train.num_epochs", at_least(1)),
+    ("train.checkpoint_interval", at_least(1)),
+    ("train.checkpoint_interval_unit", UNIT),
+    ("train.validation_interval", at_least(1)),
+    ("train.validation_interval_unit", UNIT),
+    ("train.precision", one_of("fp32", "fp16", "bf16")),
+    ("train.num_gpus", at_least(0)),
+    ("train.gpu_ids", each(at_least(0))),
+    ("train.num_nodes", at_least(1)),
+    ("train.max_time_minutes", above(0)),
+    ("train.clip_grad_norm", at_least(0)),
+    # train: Grounding DINO's optimizer and schedule (models/gdino/optim.py)
+    ("train.optim.optimizer", one_of("AdamW", "SGD", any_case=True)),
+    ("train.optim.lr", above(0)),
+    ("train.optim.lr_backbone", above(0)),
+    ("train.optim.lr_linear_proj_mult", above(0)),
+    ("train.optim.momentum", FRACTION),
+    ("train.optim.weight_decay", at_least(0)),
+    ("train.optim.lr_scheduler", one_of("MultiStep", "cosine", any_case=True)),
+    ("train.optim.lr_steps", each(at_least(1))),
+    ("train.optim.lr_decay", within(0, 1, low_open=True)),
+    ("train.optim.warmup_steps", at_least(0)),
+    # train: MAL (engine/mal_module.py, models/mal/criterion.py)
+    ("train.batch_size", at_least(1)),
+    ("train.accum_grad_batches", at_least(1)),
+    ("train.optim_type", one_of("adamw")),
+    ("train.lr", above(0)),
+    ("train.min_lr", at_least(0)),
+    ("train.min_lr_rate", PROBABILITY),
+    ("train.wd", at_least(0)),
+    ("train.optim_eps", above(0)),
+    ("train.optim_betas", each(FRACTION, sizes=(2,))),
+    ("train.warmup_epochs", at_least(0)),
+    ("train.num_wave", above(0)),
+    ("train.margin_rate", each(at_least(0), sizes=(2,))),
+    ("train.loss_mil_weight", at_least(0)),
+    ("train.loss_crf_weight", at_least(0)),
+    ("train.loss_mil_step", at_least(0)),
+    ("train.loss_crf_step", at_least(0)),
+    ("train.crf_zeta", above(0)),
+    ("train.crf_kernel_size", at_least(1)),
+    ("train.crf_num_iter", at_least(0)),
+    ("train.crf_size_ratio", above(0)),
+    ("train.crf_value_low_thres", within(0, 1, low_open=True, high_open=True)),
+    ("train.crf_value_high_thres", within(0, 1, low_open=True, high_open=True)),
+    # model: TAO keys with the one value we implement
+    ("model.two_stage_type", one_of("standard")),
+    ("model.position_embedding", one_of("sine")),
+    ("model.loss_types", each(one_of("labels", "boxes", "masks"))),
+    ("model.num_queries", at_least(1)),
+    ("model.num_select", at_least(1)),
+    ("model.dropout", FRACTION),
+    ("model.fusion_dropout", FRACTION),
+    ("model.fusion_droppath", FRACTION),
+    ("model.focal_alpha", PROBABILITY),
+    ("model.dn_number", at_least(0)),
+    ("model.dn_label_noise_ratio", PROBABILITY),
+    ("model.dn_box_noise_scale", at_least(0)),
+    # model: MAL
+    ("model.teacher_momentum", FRACTION),
+    ("model.vit_dpr", FRACTION),
+    ("model.mask_thres", each(PROBABILITY, sizes=(1, 3))),  # one threshold, or small/medium/large
+    ("model.test_margin_rate", each(at_least(0), sizes=(2,))),
+    # dataset
+    ("dataset.batch_size", at_least(1)),
+    ("dataset.workers", at_least(0)),
+    ("dataset.num_workers_per_gpu", at_least(0)),
+    ("dataset.crop_size", at_least(1)),
+    ("dataset.min_obj_size", at_least(0)),
+    # evaluate / inference
+    ("evaluate.conf_threshold", PROBABILITY),
+    ("evaluate.batch_size", at_least(1)),
+    ("evaluate.num_gpus", at_least(0)),
+    ("evaluate.gpu_ids", each(at_least(0))),
+    ("inference.conf_threshold", PROBABILITY),
+    ("inference.text_threshold", PROBABILITY),
+    ("inference.nms_threshold", PROBABILITY),
+    ("inference.outline_width", at_least(1)),
+    ("inference.batch_size", at_least(1)),
+    ("inference.draw_images", at_least(-1)),
+    ("inference.num_gpus", at_least(0)),
+    ("inference.gpu_ids", each(at_least(0))),
+    # action=visualize
+    ("action.split", one_of("train", "val", "test")),
+    ("action.num_images", at_least(0)),
+    ("action.outline_width", at_least(1)),
+]
+
+_ABSENT = object()
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value)
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _check_rules(cfg: DictConfig, errors: List[str]) -> None:
+    for key, rule in RULES:
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        if value is _ABSENT or value is None:
+            continue
+        if not rule.ok(value):
+            errors.append(f"{key}={_show(value)} must be {rule.allowed}.")
+    strategy = OmegaConf.select(cfg, "train.distributed_strategy", default=None)
+    if cfg.model.name != "mal" and strategy not in ("ddp", "fsdp"):
+        errors.append(f"train.distributed_strategy={strategy!r} must be one of ddp, fsdp.")
 
 
 def _check_model(cfg: DictConfig, errors: List[str]) -> None:
@@ -24,9 +180,14 @@ def _check_model(cfg: DictConfig, errors: List[str]) -> None:
         return
     if m.name == "mal":
         if cfg.train.distributed_strategy not in ("ddp",):
-            errors.append(f"train.distributed_strategy={cfg.train.distributed_strategy!r}: MAL trains with ddp (its "
-                          f"EMA teacher pairs the student's parameters one by one, which sharding would split).")
+            errors.append(f"train.distributed_strategy={cfg.train.distributed_strategy!r} must be ddp for model=mal "
+                          f"(its EMA teacher pairs the student's parameters one by one, which sharding would split).")
         return
+    if m.has_mask != (m.name == "mask_gdino"):
+        errors.append(f"model.has_mask={str(m.has_mask).lower()} must be {str(m.name == 'mask_gdino').lower()} "
+                      f"with model={m.name} (the mask head comes with model=mask_gdino).")
+    if "masks" in m.loss_types and m.name != "mask_gdino":
+        errors.append(f"model.loss_types={list(m.loss_types)} has masks, which only model=mask_gdino has.")
     n_interm = len(m.return_interm_indices)
     if m.num_feature_levels < n_interm:
         errors.append(
@@ -49,6 +210,24 @@ def _check_model(cfg: DictConfig, errors: List[str]) -> None:
         errors.append(f"model.max_text_len={m.max_text_len} leaves no room for a prompt ([CLS] name . [SEP]).")
 
 
+def _check_mal_train(cfg: DictConfig, errors: List[str]) -> None:
+    if cfg.model.name != "mal":
+        return
+    t = cfg.train
+    if len(t.margin_rate) == 2 and t.margin_rate[0] > t.margin_rate[1]:
+        errors.append(f"train.margin_rate={list(t.margin_rate)} must be [low, high] with low <= high.")
+    if t.crf_kernel_size % 2 != 1:
+        errors.append(f"train.crf_kernel_size={t.crf_kernel_size} must be odd (a window centred on its pixel).")
+    if t.crf_value_low_thres >= t.crf_value_high_thres:
+        errors.append(f"train.crf_value_low_thres={t.crf_value_low_thres} must be below "
+                      f"train.crf_value_high_thres={t.crf_value_high_thres}.")
+
+
+def _given(node: DictConfig, key: str) -> bool:
+    """`key` of `node` holds a value (not empty, not ???)."""
+    return bool(OmegaConf.select(node, key, default=None))
+
+
 def _check_dataset(cfg: DictConfig, errors: List[str]) -> None:
     d, model = cfg.dataset, cfg.model.name
     wanted = MAL_DATASET_TYPES if model == "mal" else DATASET_TYPES
@@ -58,6 +237,15 @@ def _check_dataset(cfg: DictConfig, errors: List[str]) -> None:
             f"(choose e.g. dataset={wanted[-1]})."
         )
         return
+    # the synthetic datasets generate their own splits: paths given with them would be silently ignored
+    keys = (("train_ann_path", "train_img_dir", "val_ann_path", "val_img_dir") if model == "mal" else
+            ("train_data_sources", "val_data_sources.json_file", "val_data_sources.image_dir",
+             "test_data_sources.json_file", "test_data_sources.image_dir"))
+    given = [f"dataset.{k}" for k in keys if d.type.endswith("synthetic") and _given(d, k)]
+    if given:
+        real = "dataset=mal_coco" if model == "mal" else "dataset=odvg or dataset=coco"
+        errors.append(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} set, but dataset={d.type} generates "
+                      f"its own splits and would ignore {'it' if len(given) == 1 else 'them'}: choose {real}.")
     if model == "mal":
         if d.min_obj_size > d.max_obj_size:
             errors.append(f"dataset.min_obj_size={d.min_obj_size} exceeds dataset.max_obj_size={d.max_obj_size}.")
@@ -92,13 +280,17 @@ def _check_synthetic(cfg: DictConfig, errors: List[str]) -> None:
         errors.append(f"dataset.synthetic.image_size={list(s.image_size)} must be [height, width], each >= 16.")
 
 
-CHECKS: List[Callable[[DictConfig, List[str]], None]] = [_check_model, _check_dataset, _check_synthetic]
+CHECKS: List[Callable[[DictConfig, List[str]], None]] = [
+    resolve_aliases, _check_rules, _check_model, _check_mal_train, _check_dataset, _check_synthetic]
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Raise ConfigError listing every cross-field problem of a composed config."""
+    """Resolve TAO's aliases in `cfg` (in place), then raise ConfigError listing every problem of the config:
+    one line for one problem, a line per problem under a header for several."""
     errors: List[str] = []
     for check in CHECKS:
         check(cfg, errors)
+    if len(errors) == 1:
+        raise ConfigError(f"invalid config: {errors[0]}")
     if errors:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+        raise ConfigError(f"invalid config, {len(errors)} problems:\n  " + "\n  ".join(errors))

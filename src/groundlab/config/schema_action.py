@@ -31,12 +31,11 @@ class VisualizeActionConfig(ActionConfig):
 
 @dataclass
 class OptimConfig:
-    optimizer: str = "AdamW"
-    monitor_name: str = "val_loss"
+    optimizer: str = "AdamW"  # AdamW | SGD
     lr: float = 2e-4
     lr_backbone: float = 2e-5
     lr_linear_proj_mult: float = 0.1
-    momentum: float = 0.9
+    momentum: float = 0.9  # SGD only
     weight_decay: float = 1e-4
     lr_scheduler: str = "MultiStep"  # MultiStep | cosine
     lr_steps: List[int] = field(default_factory=lambda: [11])
@@ -75,23 +74,27 @@ class MALTrainConfig:
     num_gpus: int = 1
     gpu_ids: List[int] = field(default_factory=lambda: [0])
     num_nodes: int = 1
-    distributed_strategy: str = "ddp"
+    distributed_strategy: str = "ddp"  # ddp only (the EMA teacher pairs parameters one by one)
     checkpoint_interval: int = 1
     checkpoint_interval_unit: str = "epoch"  # epoch | step
     validation_interval: int = 1
     validation_interval_unit: str = "epoch"  # epoch | step
+    # TAO's older names (groundlab.config.aliases): copied onto the canonical key at start-up
+    save_every_k_epoch: Optional[int] = None  # alias of train.checkpoint_interval
+    val_interval: Optional[int] = None  # alias of train.validation_interval
+    test_margin_rate: Optional[List[float]] = None  # alias of model.test_margin_rate
+    mask_thres: Optional[List[float]] = None  # alias of model.mask_thres
     batch_size: int = 3
     accum_grad_batches: int = 1
     use_amp: bool = True  # TAO: fp16 autocast on a GPU; train.precision overrides it when not fp32
-    precision: str = "fp32"
+    precision: str = "fp32"  # fp32 | fp16 | bf16
     max_time_minutes: Optional[float] = None
     clip_grad_norm: float = 0.0
     pretrained_model_path: Optional[str] = None
     resume_training_checkpoint_path: Optional[str] = None
     activation_checkpoint: bool = False
     # optimizer and schedule
-    optim_type: str = "adamw"
-    optim_momentum: float = 0.9
+    optim_type: str = "adamw"  # adamw only
     lr: float = 1e-6
     min_lr: float = 0.0
     min_lr_rate: float = 0.2
@@ -122,7 +125,6 @@ class GDinoEvaluateConfig:
     conf_threshold: float = 0.0
     num_gpus: int = 1
     gpu_ids: List[int] = field(default_factory=lambda: [0])
-    trt_engine: Optional[str] = None
 
 
 @dataclass
@@ -146,7 +148,6 @@ class GDinoInferenceConfig:
     outline_width: int = 3
     num_gpus: int = 1
     gpu_ids: List[int] = field(default_factory=lambda: [0])
-    trt_engine: Optional[str] = None
 
 
 @dataclass

@@ -38,10 +38,10 @@ class GDinoModelConfig:
     dropout: float = 0.0
     fusion_dropout: float = 0.0
     fusion_droppath: float = 0.1
-    position_embedding: str = "sine"
+    position_embedding: str = "sine"  # TAO key; sine is the only encoding (checked at start-up)
     pe_temperatureH: int = 20
     pe_temperatureW: int = 20
-    two_stage_type: str = "standard"
+    two_stage_type: str = "standard"  # TAO key; standard (encoder-selected queries) is the only one (checked)
     dec_pred_bbox_embed_share: bool = True
     dec_pred_class_embed_share: bool = True
     log_scale: Any = None  # contrastive head scale: null (IDEA), auto (1/sqrt(d)) or a learnable log-scale init (MM-GDINO)
@@ -61,12 +61,9 @@ class GDinoModelConfig:
     set_cost_giou: float = 2.0
     interm_loss_coef: float = 1.0
     loss_types: List[str] = field(default_factory=lambda: ["labels", "boxes"])
-    # Mask Grounding DINO (model=mask_gdino sets has_mask; the rest is shared, so one schema serves both)
+    # Mask Grounding DINO: model=mask_gdino sets has_mask (TAO's switch; checked to match the model). Its mask
+    # head and loss keys (mask_dim, mask_loss_coef, dice_loss_coef, ...) arrive with the head (issue 11).
     has_mask: bool = False
-    mask_dim: int = 256
-    mask_loss_coef: float = 2.0
-    dice_loss_coef: float = 5.0
-    num_mask_points: int = 12544  # sampled points for the point-based mask loss (as Mask2Former)
 
 
 @dataclass
@@ -89,6 +86,9 @@ class MALModelConfig:
     # reading masks at test time (validation, evaluate, inference): crop margin and threshold
     test_margin_rate: List[float] = field(default_factory=lambda: [0.6, 0.6])
     mask_thres: List[float] = field(default_factory=lambda: [0.1])  # one value, or small/medium/large
+    # TAO's older names (groundlab.config.aliases): copied onto the canonical key at start-up
+    load_mask: Optional[bool] = None  # alias of dataset.load_mask
+    crop_size: Optional[int] = None  # alias of dataset.crop_size
 
 
 MODEL_NAMES = ("gdino", "mask_gdino", "mal")
