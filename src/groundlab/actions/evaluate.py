@@ -1,20 +1,25 @@
 """action=evaluate for Grounding DINO: COCO bbox AP of a checkpoint (groundlab, HF or IDEA layout) on a COCO
 json with any category ids. The predictor prompts every class name (split into several prompts when too long,
 merged back; the backbone runs once per image); results are written with the original ids. Writes
-<results_dir>/evaluate/results.json with the 12 COCO stats and per-class AP, and detections.json."""
+<results_dir>/evaluate/results.json with the 12 COCO stats and per-class AP, and detections.json.
+
+An image that cannot be decoded is skipped, named in the log and listed in results.json ("skipped_images");
+it still counts in the COCO evaluation, as an image without detections (its ground truth boxes are missed), so
+a skipped image lowers recall rather than vanishing from the score."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-from typing import Dict
+from typing import Dict, List
 
 import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
 from groundlab.config import ConfigError
+from groundlab.data.bad_images import BadImage, log_skipped
 from groundlab.data.collate import GroundingCollator
 from groundlab.data.grounding_dataset import GroundingDataset
 from groundlab.data.sources import load_split
@@ -46,7 +51,15 @@ def run(cfg: DictConfig) -> Dict[str, float]:
     class_ids = list(cfg.dataset.eval_class_ids) if cfg.dataset.eval_class_ids else None
     evaluator = CocoEvaluator(source.name, class_ids=class_ids)
     detections = []
+    skipped: List[BadImage] = []
+    no_detection = {"scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}
     for batch in tqdm(loader, desc="evaluate", unit="batch"):
+        for bad in batch["skipped"]:
+            log_skipped(bad, "evaluated as an image without detections")
+            evaluator.update(bad.image_id, no_detection, source.category_ids)
+        skipped += batch["skipped"]
+        if batch["images"] is None:
+            continue
         sizes = torch.stack([t["orig_size"] for t in batch["targets"]])
         results = predictor.detect_classes(batch["images"], batch["padding_mask"], sizes, source.class_names)
         for target, result in zip(batch["targets"], results):
@@ -61,9 +74,15 @@ def run(cfg: DictConfig) -> Dict[str, float]:
     os.makedirs(out_dir, exist_ok=True)
     log.info("\n%s", summary.get("report", ""))
     stats = {k: v for k, v in summary.items() if k != "report"}
+    stats["images_skipped"] = len(skipped)
     write_results_json(os.path.join(out_dir, "results.json"), stats,
                        {"checkpoint": ev.checkpoint, "annotations": source.name,
-                        "num_prompts": len(predictor.chunked(source.class_names).prompts)})
+                        "num_prompts": len(predictor.chunked(source.class_names).prompts),
+                        "skipped_images": [b.as_dict() for b in skipped]})
     with open(os.path.join(out_dir, "detections.json"), "w") as f:
         json.dump(detections, f)
-    return {"mAP": float(summary["AP"]), "mAP50": float(summary["AP50"]), "mAP75": float(summary["AP75"])}
+    if skipped:
+        log.warning("%d of %d images could not be decoded: evaluated as images without detections (listed in "
+                    "%s under skipped_images)", len(skipped), len(dataset), os.path.join(out_dir, "results.json"))
+    return {"mAP": float(summary["AP"]), "mAP50": float(summary["AP50"]), "mAP75": float(summary["AP75"]),
+            "images_skipped": float(len(skipped))}

@@ -4,7 +4,9 @@
 The predictor encodes each distinct prompt once and runs the backbone once per image.
 
 Writes into <results_dir>/inference/: images_annotated/ (boxes, label, score), labels/ (KITTI, TAO layout),
-results.json (COCO detections) and images.json (the COCO images and categories they refer to).
+results.json (COCO detections) and images.json (the COCO images and categories they refer to). An image that
+cannot be decoded is skipped, named in the log and listed in images.json under "skipped_images"
+({"file_name", "source", "reason"}); the metrics count it (images_skipped).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from groundlab.config import ConfigError
+from groundlab.data.bad_images import BadImage, log_skipped, split_bad
 from groundlab.data.collate import pad_images
 from groundlab.data.image_decode import decode_rgb
 from groundlab.data.odvg import read_label_map
@@ -54,10 +57,15 @@ def inference_inputs(cfg: DictConfig) -> Tuple[list, List[InferItem], Optional[L
 
 
 def _collate(items):
+    """The decoded images as one batch, and the undecodable ones under "skipped" (only those when none decoded:
+    "images" is None then)."""
+    items, bad = split_bad(items)
+    if not items:
+        return {"images": None, "skipped": bad}
     images, padding = pad_images([it["image"] for it in items])
     return {"images": images, "padding_mask": padding, "orig_sizes": torch.stack([it["orig_size"] for it in items]),
             "captions": [it["caption"] for it in items], "sources": [it["source"] for it in items],
-            "file_names": [it["file_name"] for it in items]}
+            "file_names": [it["file_name"] for it in items], "skipped": bad}
 
 
 def _safe_relative(name: str) -> str:
@@ -80,9 +88,15 @@ def run(cfg: DictConfig) -> Dict[str, float]:
     out_dir = os.path.join(cfg.results_dir, "inference")
     coco = CocoResultsWriter(os.path.join(out_dir, "results.json"), conf_threshold=inf.conf_threshold)
     images_json: List[dict] = []
+    skipped: List[BadImage] = []
     phrase_ids: Dict[str, int] = {}
     total = 0
     for batch in tqdm(loader, desc="inference", unit="batch"):
+        for bad in batch["skipped"]:  # undecodable: named, listed in images.json, the run goes on
+            log_skipped(bad)
+        skipped += batch["skipped"]
+        if batch["images"] is None:
+            continue
         if chunked is not None:
             results = predictor.detect_classes(batch["images"], batch["padding_mask"], batch["orig_sizes"],
                                                class_names, inf.nms_threshold)
@@ -118,7 +132,9 @@ def run(cfg: DictConfig) -> Dict[str, float]:
     coco.write()
     categories = [{"id": i, "name": n} for i, n in enumerate(class_names if chunked is not None else list(phrase_ids))]
     with open(os.path.join(out_dir, "images.json"), "w") as f:
-        json.dump({"images": images_json, "categories": categories}, f, indent=1)
-    log.info("inference: %d images, %d detections >= %.2f, written to %s", len(images_json), total,
-             inf.conf_threshold, out_dir)
-    return {"images": float(len(images_json)), "detections": float(total)}
+        json.dump({"images": images_json, "categories": categories,
+                   "skipped_images": [b.as_dict() for b in skipped]}, f, indent=1)
+    log.info("inference: %d images, %d detections >= %.2f, written to %s%s", len(images_json), total,
+             inf.conf_threshold, out_dir,
+             f"; {len(skipped)} undecodable images skipped (listed in images.json)" if skipped else "")
+    return {"images": float(len(images_json)), "detections": float(total), "images_skipped": float(len(skipped))}

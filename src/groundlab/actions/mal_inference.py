@@ -3,9 +3,10 @@ inference.img_dir; by default with dataset=mal_synthetic, its box-only training 
 
 Writes inference.label_dump_path: the input json with an RLE `segmentation` on every box it could process
 (`area` = the mask's pixel count), so it trains mask_gdino as a COCO dataset with masks. Boxes it could
-not process (zero area, outside the image, image missing) keep their annotation untouched and are listed
-under `mal_skipped` in the json and in the log. With inference.load_mask the json's own masks score the
-predictions (mIoU, and `mal_iou` per annotation). Also writes annotated images (inference.draw_images)."""
+not process (zero area, outside the image, image missing, image that cannot be decoded) keep their annotation
+untouched and are listed under `mal_skipped` in the json and in the log (an undecodable image: one line naming
+it, its boxes with the reason "image could not be decoded: ..."). With inference.load_mask the json's own masks
+score the predictions (mIoU, and `mal_iou` per annotation). Also writes annotated images (inference.draw_images)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from groundlab.actions.mal_evaluate import load_predictor
+from groundlab.actions.mal_evaluate import UndecodableBoxes, load_predictor
 from groundlab.ops.atomic_write import atomic_write_text
 from groundlab.config import ConfigError
 from groundlab.data.mal_sources import mal_paths
@@ -69,7 +70,11 @@ def run(cfg: DictConfig) -> Dict[str, float]:
     sizes: Dict[str, tuple] = {}  # file name -> the json's (height, width)
     empty = []  # boxes whose predicted mask has no pixel: written (area 0) and reported
     limit = inf.draw_images if inf.draw_images >= 0 else float("inf")
+    undecodable = UndecodableBoxes(data, "its boxes keep their annotations, listed under 'mal_skipped'")
     for batch in tqdm(loader, desc="inference", unit="batch"):
+        undecodable.add(batch)
+        if "teacher" not in batch:
+            continue
         masks = predictor(batch)
         ious = score_batch(masks, batch, meter) if inf.load_mask else [None] * len(masks)
         for (region, (x1, y1, x2, y2)), index, iou in zip(masks, batch["index"].tolist(), ious):
@@ -85,7 +90,8 @@ def run(cfg: DictConfig) -> Dict[str, float]:
             if rec["file_name"] in drawn or len(drawn) < limit:
                 drawn[rec["file_name"]].append((region, (x1, y1, x2, y2), rec["label"], rec["box"]))
                 sizes[rec["file_name"]] = (rec["height"], rec["width"])
-    out["mal_skipped"] = data.skipped
+    skipped = sorted(data.skipped + undecodable.boxes, key=lambda b: b["ann_index"])
+    out["mal_skipped"] = skipped
     path = os.path.abspath(os.path.expanduser(inf.label_dump_path))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     atomic_write_text(path, json.dumps(out))
@@ -104,12 +110,13 @@ def run(cfg: DictConfig) -> Dict[str, float]:
                                                                                                       quality=92)
     if empty:
         log.warning("%d boxes got an empty mask (area 0), e.g. annotation ids %s", len(empty), empty[:5])
-    for s in data.skipped:
+    for s in data.skipped:  # the undecodable images' boxes were named with their image, one line each image
         log.warning("box not labelled: annotation id %s (image %s): %s", s["ann_id"], s["image_id"], s["reason"])
+    written = len(data.instances) - len(undecodable.boxes)
     log.info("wrote %s: %d masks, %d boxes left without one (listed under 'mal_skipped'); %d annotated images in %s",
-             path, len(data.instances), len(data.skipped), len(drawn), image_dir)
-    metrics = {"masks_written": float(len(data.instances)), "boxes_skipped": float(len(data.skipped)),
-               "empty_masks": float(len(empty))}
+             path, written, len(skipped), len(drawn), image_dir)
+    metrics = {"masks_written": float(written), "boxes_skipped": float(len(skipped)),
+               "empty_masks": float(len(empty)), "images_skipped": float(len(undecodable.images))}
     if inf.load_mask:
         result = meter.compute(data.class_names)
         metrics.update({k: float(v) for k, v in result.items() if k.startswith("mIoU") and v is not None})

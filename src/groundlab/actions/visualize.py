@@ -11,6 +11,7 @@ import numpy as np
 from omegaconf import DictConfig
 from PIL import Image, ImageDraw
 
+from groundlab.data.bad_images import BadImage, log_skipped
 from groundlab.data.build import build_grounding_dataset
 from groundlab.ops.boxes import box_cxcywh_to_xyxy
 from groundlab.data.grounding_dataset import sample_prompt_text
@@ -67,6 +68,9 @@ def run(cfg: DictConfig) -> Dict[str, float]:
     boxes_total = dropped = clamped = 0
     for i in range(n):
         item = dataset[i]
+        if isinstance(item, BadImage):
+            log_skipped(item)
+            continue
         t = item["target"]
         img, xyxy = to_pixels(item["image"], t, aug.input_mean, aug.input_std)
         prompt = item["prompt"]

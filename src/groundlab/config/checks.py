@@ -246,6 +246,9 @@ def _check_dataset(cfg: DictConfig, errors: List[str]) -> None:
         real = "dataset=mal_coco" if model == "mal" else "dataset=odvg or dataset=coco"
         errors.append(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} set, but dataset={d.type} generates "
                       f"its own splits and would ignore {'it' if len(given) == 1 else 'them'}: choose {real}.")
+    if not 0.0 <= d.max_bad_image_fraction <= 1.0:
+        errors.append(f"dataset.max_bad_image_fraction={d.max_bad_image_fraction} must be in [0, 1] (the share of "
+                      f"training images that may fail to decode before training stops).")
     if model == "mal":
         if d.min_obj_size > d.max_obj_size:
             errors.append(f"dataset.min_obj_size={d.min_obj_size} exceeds dataset.max_obj_size={d.max_obj_size}.")

@@ -80,6 +80,11 @@ class DatasetConfig:
     pin_memory: bool = True
     eval_class_ids: Optional[List[int]] = None
     skip_missing_images: bool = False  # False: a missing image is an error naming it; True: skipped and counted
+    # An image that cannot be decoded (truncated, not an image) is skipped and listed by evaluate/inference; in
+    # training it is named in the log and replaced by another sample, and the run stops with a DataError once
+    # more than this fraction of the training images failed (counted per data-loader process: each worker
+    # counts the bad images it met). 0.0: the first undecodable training image stops the run.
+    max_bad_image_fraction: float = 0.01
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -99,6 +104,10 @@ class MALDatasetConfig:
     load_mask: bool = True  # false: the val json has no masks, so training runs without validation
     num_workers_per_gpu: int = 2
     skip_missing_images: bool = False
+    # An image that cannot be decoded: its boxes are skipped and listed by evaluate/inference; in training it is
+    # named in the log and its crops replaced by others, and the run stops with a DataError once more than this
+    # fraction of the training images failed (counted per data-loader process). 0.0: the first one stops it.
+    max_bad_image_fraction: float = 0.01
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 

@@ -36,7 +36,7 @@ def build_grounding_dataset(
     transforms = build_train_transforms(aug) if augment else build_eval_transforms(aug)
     dataset = GroundingDataset(
         sources, encoder, transforms, train=split == "train", max_labels=cfg.dataset.max_labels,
-        seed=cfg.seed, load_masks=has_masks,
+        seed=cfg.seed, load_masks=has_masks, max_bad_image_fraction=cfg.dataset.max_bad_image_fraction,
     )
     return dataset, GroundingCollator(encoder)
 

@@ -6,6 +6,7 @@ from typing import Any, Dict, List
 
 import torch
 
+from groundlab.data.bad_images import split_bad
 from groundlab.text.tokens import PromptEncoder
 
 
@@ -34,7 +35,11 @@ class GroundingCollator:
     "token_type_ids", "position_ids" (B, L), "text_self_attention_mask" (B, L, L), "positive_maps")
     when every item has a prompt; "prompts", "prompt_class_ids", "file_names", "sources"}.
     size_divisibility pads H and W up to a multiple (e.g. 32 for the backbone's strides). tokenize=False
-    leaves the prompts untokenized (evaluation: the predictor prompts every class itself)."""
+    leaves the prompts untokenized (evaluation: the predictor prompts every class itself).
+
+    Items that are `BadImage` markers (evaluation datasets: images that could not be decoded) are left out of
+    the batch and listed under "skipped"; a batch of bad images only is {"images": None, "skipped": [...],
+    "targets": []}."""
 
     def __init__(self, encoder: PromptEncoder, size_divisibility: int = 0, tokenize: bool = True):
         self.encoder = encoder
@@ -42,6 +47,9 @@ class GroundingCollator:
         self.tokenize = tokenize
 
     def __call__(self, items: List[Dict[str, Any]]) -> Dict[str, Any]:
+        items, bad = split_bad(items)
+        if not items:
+            return {"images": None, "skipped": bad, "targets": []}
         images, padding_mask = pad_images([it["image"] for it in items], self.size_divisibility)
         batch: Dict[str, Any] = {
             "images": images,
@@ -51,6 +59,7 @@ class GroundingCollator:
             "prompt_class_ids": [it["prompt_class_ids"] for it in items],
             "file_names": [it["file_name"] for it in items],
             "sources": [it["source"] for it in items],
+            "skipped": bad,
         }
         if self.tokenize and all(it["prompt"] is not None for it in items):
             text = self.encoder.encode([it["prompt"] for it in items], where=[it["where"] for it in items])

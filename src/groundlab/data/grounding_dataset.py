@@ -3,6 +3,10 @@
 Training samples get a prompt of their positive classes plus random negatives (seeded per sample and
 epoch, so any worker produces the same sample); evaluation samples get all class names (or None when
 they need several prompts: the evaluator chunks them). Grounding records bring their own caption.
+
+An image that cannot be decoded is, in evaluation, a `BadImage` item (the collate and the action skip and
+list it); in training it is counted (see `bad_images.BadImageBudget`) and the next index's record is used
+instead, under the bad index's random seed, so the sample is the same in every run and after a resume.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from groundlab.text.captions import (
     Prompt, class_prompt, grounding_prompt, prompt_token_len, sample_detection_prompt,
 )
 from groundlab.errors import DataError
-from groundlab.data.image_decode import decode_rgb
+from groundlab.data.bad_images import BadImage, BadImageBudget
+from groundlab.data.image_decode import ImageDecodeError, decode_rgb
 from groundlab.data.image_source import ImageSource
 from groundlab.ops.masks import decode_segmentation
 from groundlab.data.record_index import RecordIndex
@@ -46,11 +51,14 @@ class GroundingDataset(torch.utils.data.Dataset):
     phrases, "iscrowd": (N,), "masks": (N, H, W) bool when load_masks, "image_id", "orig_size" (h, w),
     "size" (h, w), "num_dropped", "num_clamped"}, "prompt": Prompt or None, "prompt_class_ids": class
     index per prompt phrase (-1 for grounding), "source": source index, "file_name", "where"}.
+    Evaluation (train=False): a `BadImage` for an image that cannot be decoded. Training: another record in
+    its place, until more than `max_bad_image_fraction` of the records' images failed in this process
+    (DataError naming dataset.max_bad_image_fraction).
     """
 
     def __init__(
         self, sources: Sequence[AnnotatedSource], encoder: PromptEncoder, transforms, *, train: bool,
-        max_labels: int = 80, seed: int = 0, load_masks: bool = False,
+        max_labels: int = 80, seed: int = 0, load_masks: bool = False, max_bad_image_fraction: float = 0.01,
     ):
         self.sources = list(sources)
         self.encoder = encoder
@@ -61,6 +69,7 @@ class GroundingDataset(torch.utils.data.Dataset):
         self.load_masks = load_masks
         self.epoch = 0
         self._ends = np.cumsum([len(s.records) for s in self.sources]).astype(np.int64)
+        self.bad_images = BadImageBudget(max_bad_image_fraction, len(self))
 
     def set_epoch(self, epoch: int) -> None:
         """Different augmentation and negatives each epoch, reproducible for the same seed."""
@@ -84,7 +93,27 @@ class GroundingDataset(torch.utils.data.Dataset):
         return decode_rgb(self.sources[s].images.read(rec["file_name"]), rec["file_name"], annotated_size=size)
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
-        s, rec = self.locate(index)
+        if not self.train:
+            s, rec = self.locate(index)
+            try:
+                return self._sample(s, rec, index)
+            except ImageDecodeError as e:
+                return BadImage(rec["file_name"], self.sources[s].images.path, str(e), int(rec["image_id"]), index)
+        n = len(self)
+        for step in range(n):  # the next decodable record, under this index's seed
+            s, rec = self.locate((index + step) % n)
+            key = (s, rec["file_name"])
+            if key in self.bad_images:
+                continue
+            try:
+                return self._sample(s, rec, index)
+            except ImageDecodeError as e:
+                self.bad_images.record(key, BadImage(rec["file_name"], self.sources[s].images.path, str(e),
+                                                     int(rec["image_id"]), index))
+        raise DataError(f"none of the {n} training images could be decoded")
+
+    def _sample(self, s: int, rec: Dict[str, Any], index: int) -> Dict[str, Any]:
+        """The sample of record `rec` of source `s`, its randomness seeded by (seed, epoch, index)."""
         rng = np.random.default_rng([self.seed, self.epoch, index])
         image = self.load_image(s, rec)
         H, W = image.shape[:2]

@@ -11,7 +11,8 @@ import torch
 
 from groundlab.text.captions import Prompt, Span
 from groundlab.errors import DataError
-from groundlab.data.image_decode import decode_rgb
+from groundlab.data.bad_images import BadImage
+from groundlab.data.image_decode import ImageDecodeError, decode_rgb
 from groundlab.data.image_source import ImageSource
 from groundlab.data.json_files import iter_jsonl
 from groundlab.data.read_stats import ReadStats
@@ -78,7 +79,8 @@ def read_coco_raw(json_file: str, sources: Sequence[ImageSource], skip_missing: 
 
 class InferenceDataset(torch.utils.data.Dataset):
     """Items: {"image": (3, H, W) normalized, "orig_size": (h, w), "size": (h, w), "caption": str or None,
-    "source": int, "file_name": str}; `transforms` as in groundlab.data.transforms (eval)."""
+    "source": int, "file_name": str}; `transforms` as in groundlab.data.transforms (eval). An image that
+    cannot be decoded gives a `BadImage` instead (the action skips and lists it)."""
 
     def __init__(self, sources: Sequence[ImageSource], items: Sequence[InferItem], transforms):
         self.sources, self.items, self.transforms = list(sources), list(items), transforms
@@ -88,7 +90,11 @@ class InferenceDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
         item = self.items[index]
-        image = decode_rgb(self.sources[item.source].read(item.name), item.name)
+        source = self.sources[item.source]
+        try:
+            image = decode_rgb(source.read(item.name), item.name)
+        except ImageDecodeError as e:
+            return BadImage(item.name, source.path, str(e), index=index)
         h, w = image.shape[:2]
         target = {"boxes": torch.zeros(0, 4)}
         img, target = self.transforms(torch.from_numpy(image).permute(2, 0, 1).float(), target,

@@ -9,6 +9,7 @@ from typing import Any, Dict, Optional
 import torch
 from omegaconf import DictConfig
 
+from groundlab.data.bad_images import log_skipped
 from groundlab.engine.module_base import GroundlabModule
 from groundlab.eval.coco_eval import CocoEvaluator
 from groundlab.models.gdino.build import build_gdino
@@ -38,6 +39,7 @@ class GDinoLightning(GroundlabModule):
         self.criterion = build_criterion(cfg.model)
         self.evaluator: Optional[CocoEvaluator] = None
         self.predictor: Optional[GDinoPredictor] = None  # made at the first validation, on its device
+        self._bad_val_images: set = set()  # undecodable validation images already named in the log
 
     def _freeze(self, prefixes) -> None:
         """train.freeze: parameters whose names start with any prefix stop training (e.g. [backbone, bert])."""
@@ -99,6 +101,14 @@ class GDinoLightning(GroundlabModule):
         self.predictor.texts.clear()  # the text encoder may have trained since the last validation
 
     def validation_step(self, batch: Dict[str, Any], batch_idx: int) -> None:
+        for bad in batch.get("skipped", ()):  # undecodable: an image without detections, named once per run
+            if bad.file_name not in self._bad_val_images:
+                self._bad_val_images.add(bad.file_name)
+                log_skipped(bad, "validated as an image without detections")
+            self.evaluator.update(bad.image_id, {"scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long),
+                                                 "boxes": torch.zeros(0, 4)}, self.dm.val_category_ids)
+        if batch["images"] is None:
+            return
         sizes = torch.stack([t["orig_size"] for t in batch["targets"]])
         names = self.dm.val_set.sources[0].class_names
         chunked = self.predictor.chunked(names)

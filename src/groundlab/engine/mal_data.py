@@ -24,7 +24,8 @@ class MALDataModule(ResumableDataModule):
         paths = mal_paths(c)
         self.train_data, train_src = read_split(c, paths["train_ann"], paths["train_img"], "train", train=True)
         self.train_set = MALCropDataset(self.train_data, train_src, c.dataset.crop_size, True, t.margin_rate,
-                                        c.model.test_margin_rate, seed=c.seed)
+                                        c.model.test_margin_rate, seed=c.seed,
+                                        max_bad_image_fraction=c.dataset.max_bad_image_fraction)
         if not c.dataset.load_mask:  # TAO: the val json has no masks to score against; train without validation
             return self
         self.val_data, val_src = read_split(c, paths["val_ann"], paths["val_img"], "val", train=False)

@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from omegaconf import DictConfig
 
+from groundlab.data.bad_images import log_skipped
 from groundlab.engine.module_base import GroundlabModule
 from groundlab.eval.mask_miou import MaskIoUMeter
 from groundlab.models.checkpoint import load_checkpoint
@@ -58,6 +59,7 @@ class MALLightning(GroundlabModule):
         self.base_lr = cfg.train.lr * devices * cfg.train.batch_size
         self.min_lr = cfg.train.min_lr if cfg.train.min_lr > 0 else self.base_lr * cfg.train.min_lr_rate
         self.meter: Optional[MaskIoUMeter] = None
+        self._bad_val_images: set = set()  # undecodable validation images already named in the log
         if cfg.train.activation_checkpoint:
             self.student.backbone.set_activation_checkpointing(True)
 
@@ -122,6 +124,12 @@ class MALLightning(GroundlabModule):
         self.meter = MaskIoUMeter(len(self.class_names))
 
     def validation_step(self, batch: Dict[str, Any], batch_idx: int) -> None:
+        for bad in batch.get("skipped", ()):  # boxes of an undecodable image are left out, the image named once
+            if bad.file_name not in self._bad_val_images:
+                self._bad_val_images.add(bad.file_name)
+                log_skipped(bad, "its boxes are left out of the validation mIoU")
+        if "teacher" not in batch:
+            return
         score_batch(self.predictor()(batch), batch, self.meter)
 
     def on_validation_epoch_end(self) -> None:
