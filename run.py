@@ -25,7 +25,7 @@ OmegaConf.register_new_resolver("groundlab_recipes", matrix, replace=True)  # --
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> Optional[float]:
-    from groundlab.errors import UserError
+    from groundlab.errors import UserError, user_message
     from groundlab.runner import monitored, run_action
 
     try:
@@ -34,7 +34,7 @@ def main(cfg: DictConfig) -> Optional[float]:
         if os.environ.get("GROUNDLAB_TRACEBACK"):
             raise
         kind = "config error" if type(err).__name__ == "ConfigError" else "error"
-        print(f"{kind}: {err}", file=sys.stderr)
+        print(f"{kind}: {user_message(err)}", file=sys.stderr)
         sys.exit(2)
 
 

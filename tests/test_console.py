@@ -71,3 +71,21 @@ def test_the_traceback_is_one_variable_away(tmp_path):
     proc = run_py(*TRAIN, f"model.text_encoder_type={tmp_path / 'no_bert'}", f"hydra.run.dir={tmp_path / 'run'}",
                   env={"GROUNDLAB_TRACEBACK": "1", "HYDRA_FULL_ERROR": "1"})
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "TextEncoderNotFound" in proc.stderr
+
+
+def test_an_error_from_a_loader_worker_keeps_its_one_sentence():
+    import torch
+
+    from groundlab.errors import DataError, user_message
+
+    class Broken(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            raise DataError("label 7 is not in the label map", "train.jsonl:17")
+
+    with pytest.raises(DataError) as info:
+        next(iter(torch.utils.data.DataLoader(Broken(), num_workers=1)))
+    assert "Original Traceback" in str(info.value)  # what torch hands over
+    assert user_message(info.value) == "train.jsonl:17: label 7 is not in the label map"
