@@ -16,6 +16,7 @@ from torch import nn
 from groundlab.text.tokens import sub_sentence_masks
 from groundlab.models.common.backbone import ImageBackbone
 from groundlab.models.common.backbone_weights import load_backbone_weights
+from groundlab.models.common.group_norm import GroupNorm
 from groundlab.models.common.mlp import MLP
 from groundlab.models.common.position_encoding import SinePositionEmbedding2D, inverse_sigmoid
 from groundlab.models.common.text_encoder import build_bert
@@ -84,10 +85,10 @@ class GroundingDINO(nn.Module):
         """1x1 conv + GroupNorm per backbone level; 3x3 stride-2 convs for the extra levels."""
         projs = []
         for c in self.backbone.channels:
-            projs.append(nn.Sequential(nn.Conv2d(c, d, kernel_size=1), nn.GroupNorm(32, d)))
+            projs.append(nn.Sequential(nn.Conv2d(c, d, kernel_size=1), GroupNorm(32, d)))
         in_c = self.backbone.channels[-1]
         for _ in range(num_levels - len(self.backbone.channels)):
-            projs.append(nn.Sequential(nn.Conv2d(in_c, d, kernel_size=3, stride=2, padding=1), nn.GroupNorm(32, d)))
+            projs.append(nn.Sequential(nn.Conv2d(in_c, d, kernel_size=3, stride=2, padding=1), GroupNorm(32, d)))
             in_c = d
         for proj in projs:
             nn.init.xavier_uniform_(proj[0].weight, gain=1)
