@@ -50,10 +50,12 @@ def select_topk(scores: torch.Tensor, padding_mask: torch.Tensor, k: int) -> Tup
     slots are padded queries, real False (their index points at a padding token, or at token 0 where
     k > S). k stays the number of queries whatever the input size, so shapes are static (ONNX export)."""
     best = scores.max(-1)[0].masked_fill(padding_mask, float("-inf"))
-    n = min(k, best.shape[1])
+    # S follows from the image size, which an exported graph fixes (only the batch is dynamic): the tracer's
+    # warning that it becomes a constant is expected
+    n = min(k, int(best.shape[1]))
     index = torch.topk(best, n, dim=1)[1]
     real = ~torch.gather(padding_mask, 1, index)
-    if n < k:  # fewer tokens than queries (S is static: known from the feature map sizes, also when tracing)
+    if n < k:  # fewer tokens than queries
         index = torch.cat([index, index.new_zeros(index.shape[0], k - n)], 1)
         real = torch.cat([real, real.new_zeros(real.shape[0], k - n)], 1)
     return index, real
