@@ -119,7 +119,6 @@ class HungarianMatcher(nn.Module):
         targets. Padded queries are never in them (an image with more targets than real queries leaves the
         extra targets unmatched)."""
         C = self.cost_matrix(outputs, targets)
-        real = real_queries(outputs["pred_logits"]).cpu()
         sizes = [int(t["boxes"].shape[0]) for t in targets]
         indices: Indices = []
         for b, block in enumerate(C.split(sizes, dim=-1)):
@@ -127,12 +126,12 @@ class HungarianMatcher(nn.Module):
                 empty = torch.zeros(0, dtype=torch.int64)
                 indices.append((empty, empty.clone()))
                 continue
-            q_idx, t_idx = linear_sum_assignment(block[b].numpy())
-            q_idx, t_idx = torch.as_tensor(q_idx, dtype=torch.int64), torch.as_tensor(t_idx, dtype=torch.int64)
-            keep = real[b, q_idx]
-            if not bool(keep.all()):
+            cost = block[b].numpy()
+            q_idx, t_idx = linear_sum_assignment(cost)
+            keep = cost[q_idx, t_idx] < _PADDED_QUERY_COST  # no real pair costs that much: drop padded queries
+            if not keep.all():
                 q_idx, t_idx = q_idx[keep], t_idx[keep]
-            indices.append((q_idx, t_idx))
+            indices.append((torch.as_tensor(q_idx, dtype=torch.int64), torch.as_tensor(t_idx, dtype=torch.int64)))
         return indices
 
 
