@@ -1,7 +1,8 @@
 """Parity with the reference implementation: transformers' GroundingDinoForObjectDetection, built offline
 from a tiny random config (and with the real MiniLM text encoder), saved in HF layout, loaded into ours
 through the one loading function; outputs agree within 1e-4 with the same -inf pattern. The IDEA-Research
-layout and our own checkpoints load to the same outputs."""
+layout and our own checkpoints load to the same outputs. One deliberate difference: image-padding tokens are
+never selected as queries (hf_outputs, test_reference_selects_padding_tokens_we_do_not)."""
 
 from __future__ import annotations
 
@@ -46,10 +47,38 @@ def inputs(tokenizer):
     return images, padding, text
 
 
-def hf_outputs(hf, images, padding, text):
-    with torch.no_grad():
-        out = hf(pixel_values=images, pixel_mask=(~padding).long(), input_ids=text["input_ids"],
-                 attention_mask=text["attention_mask"], token_type_ids=text["token_type_ids"])
+def hf_outputs(hf, images, padding, text, select_padding=False):
+    """transformers' logits and boxes. The references let image-padding tokens compete in the two-stage top-k
+    query selection; groundlab never selects them (query_selection.select_topk), on purpose. Unless
+    select_padding, transformers' proposal scores of padding tokens are set to -inf for the top-k, so the
+    comparison tests everything else (padding in the backbone, encoder, decoder) rather than that choice; on an
+    image without padding this changes nothing."""
+    model = hf.model
+    handles = []
+    if not select_padding:
+        seen = {}
+
+        original = model.generate_encoder_output_proposals
+
+        def proposals(memory, padding_mask, spatial_shapes):  # padding_mask: (B, S) True on padding tokens
+            seen["padding"] = padding_mask
+            return original(memory, padding_mask, spatial_shapes)
+
+        def drop_padding_tokens(module, args, output):  # its first call scores all tokens, the second the top-k
+            if output.shape[1] == seen["padding"].shape[1]:
+                return output.masked_fill(seen["padding"][..., None], float("-inf"))
+            return output
+
+        model.generate_encoder_output_proposals = proposals
+        handles.append(model.encoder_output_class_embed.register_forward_hook(drop_padding_tokens))
+    try:
+        with torch.no_grad():
+            out = hf(pixel_values=images, pixel_mask=(~padding).long(), input_ids=text["input_ids"],
+                     attention_mask=text["attention_mask"], token_type_ids=text["token_type_ids"])
+    finally:
+        for h in handles:
+            h.remove()
+        model.__dict__.pop("generate_encoder_output_proposals", None)
     return out.logits, out.pred_boxes
 
 
@@ -94,6 +123,26 @@ def test_hf_layout_loads_and_matches(compose, tokenizer, tiny_hf_dir):
     assert built.report.source == "hf" and built.config.hidden_dim == 32
     images, padding, text = inputs(tokenizer)
     assert_parity(our_outputs(built.model, images, padding, text), hf_outputs(hf, images, padding, text))
+
+
+def test_reference_selects_padding_tokens_we_do_not(compose, tokenizer, tiny_hf_dir):
+    """The one deliberate difference from the references: their top-k query selection lets image-padding tokens
+    compete. With these random weights a padding token outscores every real token, so every query of the padded
+    image is a padding token's (its proposal box is +inf in logit space: an initial box of all ones) in
+    transformers, and none in ours; the image without padding agrees."""
+    hf, path = tiny_hf_dir
+    model = build_gdino(compose().model, checkpoint=path).model.eval()
+    images, padding, text = inputs(tokenizer)
+    with torch.no_grad():
+        ref = hf(pixel_values=images, pixel_mask=(~padding).long(), input_ids=text["input_ids"],
+                 attention_mask=text["attention_mask"], token_type_ids=text["token_type_ids"])
+        ours = model(images, text["input_ids"], text["attention_mask"], text["token_type_ids"],
+                     text["position_ids"], text["text_self_attention_mask"], padding)
+    from_padding = (ref.init_reference_points == 1).all(-1)
+    assert from_padding[1].all() and not from_padding[0].any()
+    assert not (ours["interm_outputs"]["pred_boxes"] == 1).all(-1).any()
+    assert_parity((ours["pred_logits"][:1], ours["pred_boxes"][:1]), (ref.logits[:1], ref.pred_boxes[:1]))
+    assert (ours["pred_boxes"][1] - ref.pred_boxes[1]).abs().max() > 0.1
 
 
 def test_idea_layout_and_our_checkpoint_load_to_the_same_outputs(compose, tokenizer, tiny_hf_dir, tmp_path):

@@ -1,7 +1,8 @@
 """Grounding DINO training losses: per-layer Hungarian matching, token-level focal loss, L1 and GIoU box losses.
 
 Model outputs used (GroundingDINO.forward):
-    {"pred_logits": (B, Q, T) -inf on invalid tokens, "pred_boxes": (B, Q, 4) normalized cxcywh,
+    {"pred_logits": (B, Q, T) -inf on invalid tokens and on every token of a padded query (fewer image tokens
+                    than queries: no matching and no loss for it), "pred_boxes": (B, Q, 4) normalized cxcywh,
      "aux_outputs": [{"pred_logits", "pred_boxes"}] earlier decoder layers (optional),
      "interm_outputs": {"pred_logits", "pred_boxes"} selected encoder proposals (optional),
      "text_token_mask": (B, L) bool, True on real tokens, L <= T (tokens >= L are invalid)}
@@ -35,6 +36,7 @@ from torch import Tensor, nn
 
 from groundlab.ops.boxes import box_cxcywh_to_xyxy, generalized_box_iou
 from groundlab.models.gdino.matcher import HungarianMatcher, Indices
+from groundlab.models.gdino.query_selection import real_queries
 
 LOSS_KEYS = {"labels": ("loss_ce",), "boxes": ("loss_bbox", "loss_giou")}
 INTERM_SUFFIX = "_interm"
@@ -175,15 +177,16 @@ class SetCriterion(nn.Module):
     def _loss_labels(self, logits: Tensor, targets, indices: Indices, batch_idx: Tensor, query_idx: Tensor,
                      token_mask: Tensor, num_boxes: float) -> Tensor:
         """Token focal loss: matched queries learn their target's phrase tokens, all other (query, token) pairs
-        learn 0; only valid tokens count."""
+        learn 0; only valid tokens of real (not padded) queries count."""
         B, Q, T = logits.shape
         # 0/1 targets even if a caller passes a row-normalized positive map (the matcher normalizes its own copy).
         matched = torch.cat([t["positive_map"][j.to(t["positive_map"].device)] for t, (_, j) in zip(targets, indices)])
         target = logits.new_zeros(B, Q, T, dtype=torch.float32)
         target[batch_idx, query_idx] = (matched.to(device=logits.device) > 0).float()
-        valid = token_mask[:, None, :].expand(B, Q, T)
-        # -inf logits of invalid tokens would make BCE NaN (-inf * 0): replace them by 0 *before* the loss, then
-        # drop those terms; masked_fill passes no gradient to the replaced entries, so no NaN gradient either.
+        valid = token_mask[:, None, :] & real_queries(logits)[:, :, None]
+        # -inf logits of invalid tokens and padded queries would make BCE NaN (-inf * 0): replace them by 0
+        # *before* the loss, then drop those terms; masked_fill passes no gradient to the replaced entries, so no
+        # NaN gradient either.
         safe = logits.float().masked_fill(~valid, 0.0)
         loss = sigmoid_focal_loss(safe, target, self.focal_alpha, self.focal_gamma) * valid
         return loss.sum() / num_boxes

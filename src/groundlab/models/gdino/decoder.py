@@ -31,11 +31,14 @@ class DecoderLayer(nn.Module):
         self.dropout = dropout
 
     def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, memory_padding_mask,
-                text, text_padding_mask, self_attn_mask: Optional[torch.Tensor] = None):
+                text, text_padding_mask, self_attn_mask: Optional[torch.Tensor] = None,
+                query_padding_mask: Optional[torch.Tensor] = None):
         """tgt, query_pos: (B, Q, C); reference_points: (B, Q, levels, 4); memory: (B, S, C);
-        text: (B, L, C); masks True on padding; self_attn_mask: (Q, Q) bool, True where blocked (denoising)."""
+        text: (B, L, C); masks True on padding; self_attn_mask: (Q, Q) bool, True where blocked (denoising);
+        query_padding_mask: (B, Q) bool, True on padded queries, which no query attends to."""
         q = k = tgt + query_pos
-        tgt2 = self.self_attn(q, k, tgt, attn_mask=self_attn_mask, need_weights=False)[0]
+        tgt2 = self.self_attn(q, k, tgt, attn_mask=self_attn_mask, key_padding_mask=query_padding_mask,
+                              need_weights=False)[0]
         tgt = self.norm2(tgt + F.dropout(tgt2, self.dropout, self.training))
         tgt2 = self.ca_text(tgt + query_pos, text, text, key_padding_mask=text_padding_mask, need_weights=False)[0]
         tgt = self.catext_norm(tgt + F.dropout(tgt2, self.dropout, self.training))
@@ -62,8 +65,10 @@ class Decoder(nn.Module):
         self.use_checkpoint = use_checkpoint
 
     def forward(self, tgt, reference_points, memory, spatial_shapes, valid_ratios, memory_padding_mask,
-                text, text_padding_mask, self_attn_mask=None) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        """tgt: (B, Q, C) content queries; reference_points: (B, Q, 4) normalized cxcywh boxes.
+                text, text_padding_mask, self_attn_mask=None, query_padding_mask=None
+                ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """tgt: (B, Q, C) content queries; reference_points: (B, Q, 4) normalized cxcywh boxes;
+        self_attn_mask: (Q, Q) bool True where blocked; query_padding_mask: (B, Q) bool True on padded queries.
 
         Returns (hidden: per layer (B, Q, C) after the final norm, references: per layer (B, Q, 4) with the
         initial boxes first, i.e. num_layers + 1 entries; each layer's boxes are detached before the next)."""
@@ -72,7 +77,7 @@ class Decoder(nn.Module):
             ref_input = reference_points[:, :, None] * torch.cat([valid_ratios, valid_ratios], -1)[:, None]
             query_pos = self.ref_point_head(sine_embed(ref_input[:, :, 0, :], self.d_model // 2))
             args = (tgt, query_pos, ref_input, memory, spatial_shapes, memory_padding_mask, text, text_padding_mask,
-                    self_attn_mask)
+                    self_attn_mask, query_padding_mask)
             if self.use_checkpoint and self.training:
                 tgt = checkpoint(layer, *args, use_reentrant=False)
             else:

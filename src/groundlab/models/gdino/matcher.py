@@ -1,12 +1,14 @@
 """Hungarian matching of Grounding DINO queries to ground-truth boxes (phrase-grounded, token-level classes).
 
 Inputs (one decoder layer, or the encoder proposals):
-    outputs: {"pred_logits": (B, Q, T) float, -inf on padding / invalid tokens (T = max_text_len),
+    outputs: {"pred_logits": (B, Q, T) float, -inf on padding / invalid tokens (T = max_text_len) and on every
+                             token of a padded query,
               "pred_boxes":  (B, Q, 4) normalized cxcywh}
     targets: list of B dicts {"boxes": (N_b, 4) normalized cxcywh,
                               "positive_map": (N_b, T) float 0/1, the tokens of each box's phrase}
-Output: list of B pairs (query_idx (K_b,), target_idx (K_b,)) int64 on the CPU, K_b = min(Q, N_b); target_idx
-is sorted (scipy's order), query_idx[k] is the query assigned to target target_idx[k].
+Output: list of B pairs (query_idx (K_b,), target_idx (K_b,)) int64 on the CPU, K_b = min(R_b, N_b) with R_b the
+real (not padded) queries; target_idx is sorted (scipy's order), query_idx[k] is the query assigned to target
+target_idx[k].
 
 Cost of assigning query q to target n (lower is better):
     C = cost_class * class + cost_bbox * L1(cxcywh) + cost_giou * (-GIoU(xyxy))
@@ -17,6 +19,10 @@ the target's phrase tokens: with p = sigmoid(logit),
 which is what Open-GroundingDino's HungarianMatcher and transformers' GroundingDinoHungarianMatcher compute
 (eps = 1e-8 in both). A -inf logit gives p = 0 exactly, so pos is finite (alpha * -log(eps)) and is multiplied by
 a zero positive-map weight: invalid tokens never reach the cost.
+
+Padded queries (every logit -inf: an image with fewer feature-map tokens than queries) get a huge finite cost
+(_PADDED_QUERY_COST; inf would make scipy fail), so they are assigned only when an image has more targets than
+real queries, and those assignments are dropped: a padded query is never matched.
 """
 
 from __future__ import annotations
@@ -29,12 +35,16 @@ from torch import Tensor, nn
 
 from groundlab.ops.boxes import box_cxcywh_to_xyxy, generalized_box_iou
 from groundlab.models.gdino.postprocess import normalize_positive_map
+from groundlab.models.gdino.query_selection import real_queries
 
 Indices = List[Tuple[Tensor, Tensor]]
 
 # Inside the logs of the focal cost: keeps -log(p) finite at p = 0 (a -inf logit). Same value as the references,
 # so matchings agree with them.
 _LOG_EPS = 1e-8
+# Cost of a padded query against any target (it replaces the computed cost): far above any real cost (class and
+# box costs are O(10)), and finite, since scipy rejects inf entries whenever it needs one of them.
+_PADDED_QUERY_COST = 1e6
 
 
 def focal_token_cost(logits: Tensor, alpha: float, gamma: float) -> Tensor:
@@ -100,12 +110,14 @@ class HungarianMatcher(nn.Module):
             # scipy would fail with an obscure "cost matrix is infeasible" / "contains invalid numeric entries".
             raise ValueError("HungarianMatcher: NaN or inf in the matching cost matrix (check the predicted and "
                              "target boxes and the positive maps)")
+        C = C.masked_fill(~real_queries(logits).flatten()[:, None], _PADDED_QUERY_COST)
         return C.view(B, Q, -1).cpu()
 
     @torch.no_grad()
     def forward(self, outputs: Dict[str, Tensor], targets: Sequence[Dict[str, Tensor]]) -> Indices:
         """Per image (query_idx, target_idx) int64 CPU tensors (module docstring); empty for an image with no
-        targets."""
+        targets. Padded queries are never in them (an image with more targets than real queries leaves the
+        extra targets unmatched)."""
         C = self.cost_matrix(outputs, targets)
         sizes = [int(t["boxes"].shape[0]) for t in targets]
         indices: Indices = []
@@ -114,7 +126,11 @@ class HungarianMatcher(nn.Module):
                 empty = torch.zeros(0, dtype=torch.int64)
                 indices.append((empty, empty.clone()))
                 continue
-            q_idx, t_idx = linear_sum_assignment(block[b].numpy())
+            cost = block[b].numpy()
+            q_idx, t_idx = linear_sum_assignment(cost)
+            keep = cost[q_idx, t_idx] < _PADDED_QUERY_COST  # no real pair costs that much: drop padded queries
+            if not keep.all():
+                q_idx, t_idx = q_idx[keep], t_idx[keep]
             indices.append((torch.as_tensor(q_idx, dtype=torch.int64), torch.as_tensor(t_idx, dtype=torch.int64)))
         return indices
 

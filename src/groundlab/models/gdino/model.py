@@ -16,6 +16,7 @@ from torch import nn
 from groundlab.text.tokens import sub_sentence_masks
 from groundlab.models.common.backbone import ImageBackbone
 from groundlab.models.common.backbone_weights import load_backbone_weights
+from groundlab.models.common.group_norm import GroupNorm
 from groundlab.models.common.mlp import MLP
 from groundlab.models.common.position_encoding import SinePositionEmbedding2D, inverse_sigmoid
 from groundlab.models.common.text_encoder import build_bert
@@ -32,9 +33,11 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype = torch.float32) -> 
 
 class GroundingDINO(nn.Module):
     """forward(images, input_ids, attention_mask, token_type_ids, position_ids, text_self_attention_mask,
-    padding_mask) -> {"pred_logits": (B, Q, max_text_len) with -inf on padding tokens, "pred_boxes": (B, Q, 4)
-    normalized cxcywh, "aux_outputs": [{"pred_logits", "pred_boxes"}] of earlier decoder layers,
-    "interm_outputs": {"pred_logits", "pred_boxes"} of the selected encoder proposals, "text_token_mask": (B, L)}.
+    padding_mask) -> {"pred_logits": (B, Q, max_text_len) with -inf on padding tokens and on every token of a
+    padded query (an image with fewer feature-map tokens than Q = num_queries: query_selection.select_topk),
+    "pred_boxes": (B, Q, 4) normalized cxcywh (finite for every query), "aux_outputs": [{"pred_logits",
+    "pred_boxes"}] of earlier decoder layers, "interm_outputs": {"pred_logits", "pred_boxes"} of the selected
+    encoder proposals (-inf logits on padded queries too), "text_token_mask": (B, L)}.
 
     cfg: the `model` config (GDinoModelConfig fields)."""
 
@@ -84,10 +87,10 @@ class GroundingDINO(nn.Module):
         """1x1 conv + GroupNorm per backbone level; 3x3 stride-2 convs for the extra levels."""
         projs = []
         for c in self.backbone.channels:
-            projs.append(nn.Sequential(nn.Conv2d(c, d, kernel_size=1), nn.GroupNorm(32, d)))
+            projs.append(nn.Sequential(nn.Conv2d(c, d, kernel_size=1), GroupNorm(32, d)))
         in_c = self.backbone.channels[-1]
         for _ in range(num_levels - len(self.backbone.channels)):
-            projs.append(nn.Sequential(nn.Conv2d(in_c, d, kernel_size=3, stride=2, padding=1), nn.GroupNorm(32, d)))
+            projs.append(nn.Sequential(nn.Conv2d(in_c, d, kernel_size=3, stride=2, padding=1), GroupNorm(32, d)))
             in_c = d
         for proj in projs:
             nn.init.xavier_uniform_(proj[0].weight, gain=1)
@@ -176,6 +179,10 @@ class GroundingDINO(nn.Module):
             dn_layers = [{"pred_logits": a[:, :P], "pred_boxes": b[:, :P]} for a, b in zip(logits, boxes)]
             result["dn_outputs"] = {**dn_layers[-1], "aux_outputs": dn_layers[:-1], "meta": dn[3]}
             logits, boxes = [a[:, P:] for a in logits], [b[:, P:] for b in boxes]
+        # padded queries (fewer image tokens than queries): -inf on every token, as text padding is, so they
+        # never score, never match and never enter a loss (query_selection.real_queries reads them back)
+        padded = ~out["query_mask"][:, :, None]
+        logits = [a.masked_fill(padded, float("-inf")) for a in logits]
         result.update({
             "pred_logits": logits[-1],
             "pred_boxes": boxes[-1],

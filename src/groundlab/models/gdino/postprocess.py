@@ -1,9 +1,10 @@
 """Grounding DINO outputs -> detections: class scores from token probabilities, top-k, optional NMS.
 
 Model outputs (all functions here):
-    {"pred_logits": (B, Q, L) float, -inf on padding / invalid tokens (L = model.max_text_len),
+    {"pred_logits": (B, Q, L) float, -inf on padding / invalid tokens (L = model.max_text_len) and on every
+                    token of a padded query (an input with fewer image tokens than queries),
      "pred_boxes":  (B, Q, 4) normalized cxcywh in [0, 1]}
-A token's probability is sigmoid(logit) (exactly 0 at -inf).
+A token's probability is sigmoid(logit) (exactly 0 at -inf). Padded queries are never returned.
 
 Detection result (one dict per image):
     {"scores": (K,) float, "labels": (K,) long class index, "boxes": (K, 4) xyxy in original-image
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 from groundlab.text.captions import ChunkedPrompts
 from groundlab.text.tokenizer import special_token_ids
 from groundlab.ops.boxes import batched_nms, box_cxcywh_to_xyxy
+from groundlab.models.gdino.query_selection import real_queries
 
 Result = Dict[str, Tensor]
 
@@ -70,6 +72,14 @@ def topk_pairs(scores: Tensor, boxes: Tensor, k: int) -> Dict[str, Tensor]:
     return {"scores": top_scores, "labels": labels, "boxes": top_boxes}
 
 
+def drop_padded(result: Result) -> Result:
+    """One image's top-k result without the pairs of padded queries (score -inf); unchanged when none."""
+    keep = torch.isfinite(result["scores"])
+    if bool(keep.all()):
+        return result
+    return {key: value[keep] for key, value in result.items()}
+
+
 def apply_nms(result: Result, nms_threshold: Optional[float]) -> Result:
     """Class-wise NMS on one image's result (already sorted by score); unchanged when threshold is None."""
     if nms_threshold is None:
@@ -101,23 +111,28 @@ class GroundingPostProcessor(nn.Module):
         """outputs: {"pred_logits": (B, Q, L), "pred_boxes": (B, Q, 4)}; target_sizes: (B, 2) as (h, w)
         of the original images; positive_maps: (C, L) shared by the batch, or a list of B (C_b, L) maps
         (one prompt per image). Returns B dicts {"scores": (K,), "labels": (K,) long, "boxes": (K, 4)},
-        K <= num_select, sorted by decreasing score."""
+        K <= num_select, sorted by decreasing score; padded queries never appear (fewer than num_select pairs
+        when the real queries times the classes are fewer)."""
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
         if target_sizes.shape != (logits.shape[0], 2):
             raise ValueError(f"target_sizes must be (B, 2) = ({logits.shape[0]}, 2), got {tuple(target_sizes.shape)}")
         pixel_boxes = scale_boxes(boxes, target_sizes)
+        # padded queries score 0 like a hopeless real one; -inf sorts them last and marks them for removal
+        padded = ~real_queries(logits)[:, :, None]
         if isinstance(positive_maps, Tensor):
             # One prompt for the whole batch: the selection is a single batched op.
-            top = topk_pairs(class_scores(logits, positive_maps), pixel_boxes, self.num_select)
+            scores = class_scores(logits, positive_maps).masked_fill(padded, float("-inf"))
+            top = topk_pairs(scores, pixel_boxes, self.num_select)
             per_image = [{key: value[b] for key, value in top.items()} for b in range(logits.shape[0])]
         else:
             if len(positive_maps) != logits.shape[0]:
                 raise ValueError(f"{len(positive_maps)} positive maps for a batch of {logits.shape[0]}")
             per_image = []
             for b, pmap in enumerate(positive_maps):
-                top = topk_pairs(class_scores(logits[b : b + 1], pmap), pixel_boxes[b : b + 1], self.num_select)
+                scores = class_scores(logits[b : b + 1], pmap).masked_fill(padded[b : b + 1], float("-inf"))
+                top = topk_pairs(scores, pixel_boxes[b : b + 1], self.num_select)
                 per_image.append({key: value[0] for key, value in top.items()})
-        return [apply_nms(r, self.nms_threshold) for r in per_image]
+        return [apply_nms(drop_padded(r), self.nms_threshold) for r in per_image]
 
 
 def merge_chunk_results(
@@ -199,7 +214,7 @@ def select_free_form(
     logits = outputs["pred_logits"]
     probs = logits.sigmoid()
     pixel_boxes = scale_boxes(outputs["pred_boxes"], target_sizes)
-    best = probs.max(dim=-1).values  # (B, Q)
+    best = probs.max(dim=-1).values.masked_fill(~real_queries(logits), -1.0)  # (B, Q); padded: below any threshold
     results: List[Dict[str, object]] = []
     for b in range(logits.shape[0]):
         ids = input_ids if input_ids.dim() == 1 else input_ids[b]

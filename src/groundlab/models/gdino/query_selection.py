@@ -1,5 +1,7 @@
 """Language-guided query selection (two-stage): every encoder token proposes a box; proposals are scored
-against the text, and the top `num_queries` become the decoder's reference boxes."""
+against the text, and the top `num_queries` become the decoder's reference boxes. An input with fewer image
+tokens than queries (under ~210 px a side with 900 queries) gets padded queries for the rest, masked all the
+way through: decoder self-attention, -inf logits, no matching, no loss, never post-processed."""
 
 from __future__ import annotations
 
@@ -39,9 +41,31 @@ def encoder_proposals(memory: torch.Tensor, padding_mask: torch.Tensor, spatial_
     return memory, proposals
 
 
-def select_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """(B, k) indices of the tokens whose best text-token logit is highest. scores: (B, S, L)."""
-    return torch.topk(scores.max(-1)[0], k, dim=1)[1]
+def select_topk(scores: torch.Tensor, padding_mask: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The k tokens whose best text-token logit is highest, per image, and which of the k slots are real queries.
+
+    scores: (B, S, L) proposal logits; padding_mask: (B, S) True on image padding. Returns (index (B, k) long,
+    real (B, k) bool). Padding tokens score -inf, so they are taken only once an image's N real tokens are all
+    taken: when N < k (a small input, or an image much smaller than its batch's padded size) the last k - N
+    slots are padded queries, real False (their index points at a padding token, or at token 0 where
+    k > S). k stays the number of queries whatever the input size, so shapes are static (ONNX export)."""
+    best = scores.max(-1)[0].masked_fill(padding_mask, float("-inf"))
+    # S follows from the image size, which an exported graph fixes (only the batch is dynamic): the tracer's
+    # warning that it becomes a constant is expected
+    n = min(k, int(best.shape[1]))
+    index = torch.topk(best, n, dim=1)[1]
+    real = ~torch.gather(padding_mask, 1, index)
+    if n < k:  # fewer tokens than queries
+        index = torch.cat([index, index.new_zeros(index.shape[0], k - n)], 1)
+        real = torch.cat([real, real.new_zeros(real.shape[0], k - n)], 1)
+    return index, real
+
+
+def real_queries(pred_logits: torch.Tensor) -> torch.Tensor:
+    """(B, Q, T) logits -> (B, Q) bool, False on padded queries: the model gives them -inf on every token
+    (a real query is finite on every real text token). The matcher, the criterion and the post-processors use
+    this, so outputs carry no extra key and an exported model's outputs say the same."""
+    return pred_logits.amax(-1) > float("-inf")  # a tenth of the time of isfinite().any(-1)
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

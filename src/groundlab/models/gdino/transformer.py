@@ -58,8 +58,11 @@ class Transformer(nn.Module):
         the matching queries (the outputs' first P queries are then the denoising ones).
 
         Returns {"hidden": per decoder layer (B, Q, C), "references": num_layers + 1 boxes (B, Q, 4)
-        (sigmoid space, initial first), "text": enhanced text (B, L, C), "interm_logits": (B, Q, max_text_len)
-        and "interm_boxes": (B, Q, 4) of the selected encoder proposals (undetached, for the encoder loss)}."""
+        (sigmoid space, initial first), "text": enhanced text (B, L, C), "query_mask": (B, num_queries) bool,
+        False on padded queries (an image with fewer real tokens than queries; select_topk),
+        "interm_logits": (B, num_queries, max_text_len) (-inf on padded queries) and "interm_boxes":
+        (B, num_queries, 4) of the selected encoder proposals (undetached, for the encoder loss)}.
+        Q = P + num_queries with denoising, else num_queries."""
         spatial_shapes: List[Tuple[int, int]] = [(int(s.shape[-2]), int(s.shape[-1])) for s in srcs]
         src_flat = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
         mask_flat = torch.cat([m.flatten(1) for m in masks], 1)
@@ -74,19 +77,25 @@ class Transformer(nn.Module):
         output_memory = self.enc_output_norm(self.enc_output(output_memory))
         enc_logits = self.enc_out_class_embed(output_memory, text, text_token_mask)
         enc_coords = self.enc_out_bbox_embed(output_memory) + proposals  # logit space
-        topk = select_topk(enc_logits, self.num_queries)
-        ref_undetached = gather_tokens(enc_coords, topk)
-        interm_logits = gather_tokens(enc_logits, topk)
+        topk, real = select_topk(enc_logits, mask_flat, self.num_queries)
+        padded = ~real[..., None]
+        # padded queries: box 0 in logit space (the centred box of half the image, finite everywhere downstream)
+        # and -inf logits; masked_fill passes no gradient to the token they point at
+        ref_undetached = gather_tokens(enc_coords, topk).masked_fill(padded, 0.0)
+        interm_logits = gather_tokens(enc_logits, topk).masked_fill(padded, float("-inf"))
         reference_points = ref_undetached.detach().sigmoid()
         tgt = self.tgt_embed.weight[None].expand(src_flat.shape[0], -1, -1)
         self_attn_mask = None
+        query_padding_mask = ~real
         if denoising is not None:
             dn_label, dn_box, self_attn_mask = denoising
             tgt = torch.cat([dn_label.to(tgt.dtype), tgt], 1)
             reference_points = torch.cat([dn_box.sigmoid().to(reference_points.dtype), reference_points], 1)
+            query_padding_mask = torch.cat([query_padding_mask.new_zeros(real.shape[0], dn_label.shape[1]),
+                                            query_padding_mask], 1)
         hidden, references = self.decoder(tgt, reference_points, memory, spatial_shapes, valid_ratios, mask_flat,
-                                          text, text_padding_mask, self_attn_mask)
-        return {"hidden": hidden, "references": references, "text": text,
+                                          text, text_padding_mask, self_attn_mask, query_padding_mask)
+        return {"hidden": hidden, "references": references, "text": text, "query_mask": real,
                 "interm_logits": interm_logits, "interm_boxes": ref_undetached.sigmoid()}
 
 
