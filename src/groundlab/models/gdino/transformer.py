@@ -86,13 +86,16 @@ class Transformer(nn.Module):
         reference_points = ref_undetached.detach().sigmoid()
         tgt = self.tgt_embed.weight[None].expand(src_flat.shape[0], -1, -1)
         self_attn_mask = None
-        query_padding_mask = ~real
+        # the common case, every query real: no padding mask, so attention keeps its unmasked fast path
+        # (a traced graph keeps the mask: whether queries are padded is decided at run time there)
+        query_padding_mask = ~real if torch.jit.is_tracing() or not bool(real.all()) else None
         if denoising is not None:
             dn_label, dn_box, self_attn_mask = denoising
             tgt = torch.cat([dn_label.to(tgt.dtype), tgt], 1)
             reference_points = torch.cat([dn_box.sigmoid().to(reference_points.dtype), reference_points], 1)
-            query_padding_mask = torch.cat([query_padding_mask.new_zeros(real.shape[0], dn_label.shape[1]),
-                                            query_padding_mask], 1)
+            if query_padding_mask is not None:
+                query_padding_mask = torch.cat([query_padding_mask.new_zeros(real.shape[0], dn_label.shape[1]),
+                                                query_padding_mask], 1)
         hidden, references = self.decoder(tgt, reference_points, memory, spatial_shapes, valid_ratios, mask_flat,
                                           text, text_padding_mask, self_attn_mask, query_padding_mask)
         return {"hidden": hidden, "references": references, "text": text, "query_mask": real,
