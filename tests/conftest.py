@@ -77,3 +77,30 @@ TINY_GDINO = [
     "model.hidden_dim=32", "model.dim_feedforward=64", "model.nheads=2", "model.enc_layers=2",
     "model.dec_layers=2", "model.num_queries=20", "model.num_select=20",
 ]
+
+
+ONNX_INPUTS = ["inputs", "input_ids", "attention_mask", "position_ids", "token_type_ids", "text_token_mask"]
+
+
+def export_onnx(model, images, text, path):
+    """Export a Grounding DINO with TAO/DeepStream input and output names and a dynamic batch (the model itself
+    is not patched); returns (onnxruntime session, the export's inputs by name)."""
+    import onnxruntime
+    import torch
+
+    class Export(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, inputs, input_ids, attention_mask, position_ids, token_type_ids, text_token_mask):
+            out = self.m(inputs, input_ids, attention_mask, token_type_ids, position_ids, text_token_mask)
+            return out["pred_logits"], out["pred_boxes"]
+
+    args = (images, text["input_ids"], text["attention_mask"], text["position_ids"], text["token_type_ids"],
+            text["text_self_attention_mask"])
+    # eval() on the wrapper: the exporter restores the wrapper's mode, recursively, when it is done
+    torch.onnx.export(Export(model).eval(), args, str(path), input_names=ONNX_INPUTS,
+                      output_names=["pred_logits", "pred_boxes"], opset_version=17,
+                      dynamic_axes={n: {0: "batch"} for n in ONNX_INPUTS}, dynamo=False)
+    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]), dict(zip(ONNX_INPUTS, args))

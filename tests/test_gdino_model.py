@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_GDINO
+from conftest import TINY_GDINO, export_onnx
 from groundlab.text.captions import class_prompt
 from groundlab.text.tokens import PromptEncoder
 from groundlab.models.gdino.build import build_gdino
@@ -88,32 +88,11 @@ def test_padding_mask_is_used(tiny):
 
 @pytest.mark.slow
 def test_onnx_export_matches_pytorch(tiny, tmp_path):
-    onnxruntime = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
     model, text, images = tiny
-
-    class Export(torch.nn.Module):
-        """TAO/DeepStream input and output names; the model itself is not patched."""
-
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, inputs, input_ids, attention_mask, position_ids, token_type_ids, text_token_mask):
-            out = self.m(inputs, input_ids, attention_mask, token_type_ids, position_ids, text_token_mask)
-            return out["pred_logits"], out["pred_boxes"]
-
-    # eval() on the wrapper: the exporter restores the wrapper's mode, recursively, when it is done
-
-    names = ["inputs", "input_ids", "attention_mask", "position_ids", "token_type_ids", "text_token_mask"]
-    args = (images, text["input_ids"], text["attention_mask"], text["position_ids"], text["token_type_ids"],
-            text["text_self_attention_mask"])
-    path = str(tmp_path / "gdino.onnx")
-    torch.onnx.export(Export(model).eval(), args, path, input_names=names, output_names=["pred_logits", "pred_boxes"],
-                      opset_version=17, dynamic_axes={n: {0: "batch"} for n in names}, dynamo=False)
-    sess = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    sess, inputs = export_onnx(model, images, text, tmp_path / "gdino.onnx")
     for b in (2, 1):  # dynamic batch
-        feeds = {n: a[:b].numpy() for n, a in zip(names, args)}
-        logits, boxes = sess.run(None, feeds)
+        logits, boxes = sess.run(None, {n: a[:b].numpy() for n, a in inputs.items()})
         ref = run(model, {k: v[:b] for k, v in text.items() if torch.is_tensor(v)}, images[:b])
         ref_logits = ref["pred_logits"].numpy()
         finite = np.isfinite(ref_logits)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_GDINO
+from conftest import TINY_GDINO, export_onnx
 from groundlab.models.gdino.build import build_gdino
 from groundlab.models.gdino.criterion import build_criterion
 from groundlab.models.gdino.matcher import HungarianMatcher
@@ -223,28 +223,12 @@ def test_default_model_runs_a_128px_image(compose, tokenizer):
 def test_onnx_export_of_a_small_input_matches_pytorch(small, tmp_path):
     """64x64 input with 300 queries: the padding to 300 is static in the graph; onnxruntime gives the same
     logits (-inf exactly on the padded queries and text padding) and boxes, for batches of 2 and 1."""
-    onnxruntime = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
     cfg, model, text = small
-
-    class Export(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, inputs, input_ids, attention_mask, position_ids, token_type_ids, text_token_mask):
-            out = self.m(inputs, input_ids, attention_mask, token_type_ids, position_ids, text_token_mask)
-            return out["pred_logits"], out["pred_boxes"]
-
     images = torch.randn(2, 3, 64, 64)
-    names = ["inputs", "input_ids", "attention_mask", "position_ids", "token_type_ids", "text_token_mask"]
-    args = (images, text["input_ids"], text["attention_mask"], text["position_ids"], text["token_type_ids"],
-            text["text_self_attention_mask"])
-    path = str(tmp_path / "small.onnx")
-    torch.onnx.export(Export(model).eval(), args, path, input_names=names, output_names=["pred_logits", "pred_boxes"],
-                      opset_version=17, dynamic_axes={n: {0: "batch"} for n in names}, dynamo=False)
-    sess = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    sess, inputs = export_onnx(model, images, text, tmp_path / "small.onnx")
     for b in (2, 1):
-        logits, boxes = sess.run(None, {n: a[:b].numpy() for n, a in zip(names, args)})
+        logits, boxes = sess.run(None, {n: a[:b].numpy() for n, a in inputs.items()})
         with torch.no_grad():
             ref = forward(model, {k: v[:b] for k, v in text.items() if torch.is_tensor(v)}, images[:b])
         ref_logits = ref["pred_logits"].numpy()
