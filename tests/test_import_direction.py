@@ -74,6 +74,20 @@ def test_imports_point_down_the_order():
     assert not wrong, "imports against the package order:\n" + "\n".join(wrong)
 
 
+def test_only_the_engine_imports_lightning():
+    users = set()
+    for root, _, files in os.walk(SRC):
+        for f in files:
+            if f.endswith(".py"):
+                path = os.path.join(root, f)
+                for node in ast.walk(ast.parse(open(path).read(), path)):
+                    names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                             [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                    if any(n == "lightning" or n.startswith("lightning.") for n in names):
+                        users.add(os.path.relpath(path, SRC).split(os.sep)[0])
+    assert users == {"engine"}
+
+
 def test_no_import_cycles_between_modules():
     state: Dict[str, int] = {}
     stack = []

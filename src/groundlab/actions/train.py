@@ -7,11 +7,10 @@ from __future__ import annotations
 
 from typing import Dict
 
-import lightning as L
 from omegaconf import DictConfig
 
 from groundlab.engine.devices import process_count
-from groundlab.engine.trainer import fit
+from groundlab.engine.trainer import fit, seed_run
 
 
 def train_gdino(cfg: DictConfig) -> Dict[str, float]:
@@ -19,7 +18,7 @@ def train_gdino(cfg: DictConfig) -> Dict[str, float]:
     from groundlab.engine.gdino_data import GroundingDataModule
     from groundlab.engine.gdino_module import GDinoLightning
 
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    seed_run(cfg.seed)
     datamodule = GroundingDataModule(cfg).prepare()
     return fit(cfg, GDinoLightning(cfg, datamodule), datamodule)
 
@@ -29,7 +28,7 @@ def train_mal(cfg: DictConfig) -> Dict[str, float]:
     from groundlab.engine.mal_data import MALDataModule
     from groundlab.engine.mal_module import MALLightning
 
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    seed_run(cfg.seed)
     datamodule = MALDataModule(cfg).prepare()
     module = MALLightning(cfg, datamodule.train_data.class_names, datamodule.train_data.category_ids,
                           process_count(cfg.train))

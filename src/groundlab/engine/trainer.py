@@ -42,6 +42,11 @@ def _loggers(cfg: DictConfig) -> List[object]:
     return loggers
 
 
+def seed_run(seed: int) -> None:
+    """Python, numpy and torch seeded before the model is built (its random weights) and the data read."""
+    L.seed_everything(seed, workers=True, verbose=False)
+
+
 def build_trainer(cfg: DictConfig, has_validation: bool = True) -> L.Trainer:
     """L.Trainer from the `train` group (TAO keys) for the run dir cfg.results_dir."""
     train = cfg.train
