@@ -77,6 +77,28 @@ def test_killed_and_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_max_time_stop_resumes_where_it_stopped(tmp_path):
+    """train.max_time_minutes stops mid-epoch; the run started again (without the limit) ends with the weights
+    of a run never stopped: the stop is saved at its place in the epoch, not as a finished epoch."""
+    def run(run_dir, *extra):
+        proc = run_py(*TRAIN, "dataset.batch_size=4", "train.num_epochs=2", f"hydra.run.dir={run_dir}", *extra,
+                      timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+    run(tmp_path / "whole")
+    run(tmp_path / "stopped", "train.max_time_minutes=0.001")  # stops after its first step
+    stopped = torch.load(tmp_path / "stopped" / "gdino_model_latest.pth", map_location="cpu", weights_only=True)
+    assert 1 <= stopped["global_step"] < 8 and stopped["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"][
+        "processed"] == stopped["global_step"]  # saved mid-epoch 0, where it stopped
+    run(tmp_path / "stopped")
+    a = torch.load(tmp_path / "whole" / "gdino_model_latest.pth", map_location="cpu", weights_only=True)
+    b = torch.load(tmp_path / "stopped" / "gdino_model_latest.pth", map_location="cpu", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 8
+    for key, value in a["state_dict"].items():
+        assert torch.allclose(value.float(), b["state_dict"][key].float(), atol=1e-6), key
+
+
+@pytest.mark.slow
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(compose, tmp_path, monkeypatch):
     from groundlab.models.gdino import criterion as criterion_module
 

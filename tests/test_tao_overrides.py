@@ -13,7 +13,7 @@ from typing import Dict, List, NamedTuple, Optional
 import pytest
 from omegaconf import OmegaConf
 
-from groundlab.config import ConfigError, check_config
+from groundlab.config import check_config
 from groundlab.config.aliases import ALIASES
 from groundlab.recipes import RECIPES
 
@@ -202,14 +202,15 @@ def test_alias_table_names_real_optional_keys(compose):
         assert OmegaConf.select(cfg, canonical, default=None) is not None, canonical
 
 
-def test_alias_and_canonical_set_differently_fail_naming_both(compose):
-    cfg = compose(MAL + ["train.save_every_k_epoch=5", "train.checkpoint_interval=3",
-                         "model.crop_size=256", "dataset.crop_size=384"])
-    with pytest.raises(ConfigError) as info:
+def test_the_alias_wins_over_a_preset_value(compose, caplog):
+    """A preset (dataset=mal_synthetic sets crop_size 128) or an experiment may have set the canonical key: the
+    TAO alias the user gave wins, with one log line naming both."""
+    cfg = compose(["model=mal", "dataset=mal_synthetic", "model.crop_size=256", "experiment=mal_quickstart",
+                   "train.mask_thres=[0.3]"])
+    with caplog.at_level("INFO"):
         check_config(cfg)
-    msg = str(info.value)
-    assert "train.save_every_k_epoch=5 and train.checkpoint_interval=3" in msg
-    assert "model.crop_size=256 and dataset.crop_size=384" in msg
+    assert cfg.dataset.crop_size == 256 and list(cfg.model.mask_thres) == [0.3]
+    assert "model.crop_size=256 (TAO's name) sets dataset.crop_size (was 128)" in caplog.text
 
 
 def test_alias_equal_to_canonical_is_fine(compose):

@@ -8,7 +8,7 @@ that exist.
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, Tuple
 
 from omegaconf import DictConfig
 
@@ -42,10 +42,6 @@ ACTION_HELP = {
     "quantize": "INT8 / FP8 quantization (planned)",
     "trt": "TensorRT engine build (planned)",
 }
-
-
-def supported_pairs() -> List[str]:
-    return [f"model={m} action={a}" for m in MODELS for a in ACTIONS if (m, a) in RECIPES]
 
 
 def check_recipe(model: str, action: str) -> None:

@@ -32,15 +32,11 @@ def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
-def _schema_default(cfg: DictConfig, key: str) -> Any:
-    """The value `key` has in its group's dataclass (not in any YAML): what "not set" means for a canonical key."""
-    group, rest = key.split(".", 1)
-    schema = OmegaConf.get_type(cfg[group])
-    return _plain(OmegaConf.select(OmegaConf.structured(schema), rest))
-
-
 def resolve_aliases(cfg: DictConfig, errors: List[str]) -> None:
-    """Copy every alias given a value onto its canonical key in `cfg` (in place); conflicts go to `errors`."""
+    """Copy every alias given a value onto its canonical key in `cfg` (in place). The alias wins: a composed
+    config cannot tell a value the user typed from one a preset or experiment YAML set, so refusing a
+    difference would refuse valid specs (e.g. `model.crop_size` over dataset=mal_synthetic's crop size).
+    `errors` is kept for the checks' signature."""
     for alias, canonical in ALIASES.get(cfg.model.name, {}).items():
         value = _plain(OmegaConf.select(cfg, alias))
         if value is None:
@@ -48,9 +44,5 @@ def resolve_aliases(cfg: DictConfig, errors: List[str]) -> None:
         current = _plain(OmegaConf.select(cfg, canonical))
         if current == value:
             continue
-        if current != _schema_default(cfg, canonical):
-            errors.append(f"{alias}={value} and {canonical}={current} are the same setting ({alias} is TAO's "
-                          f"name for {canonical}): set one of them.")
-            continue
         OmegaConf.update(cfg, canonical, value, merge=False)
-        log.info("%s=%s (TAO's name) sets %s", alias, value, canonical)
+        log.info("%s=%s (TAO's name) sets %s (was %s)", alias, value, canonical, current)

@@ -12,6 +12,7 @@ import shutil
 from typing import Optional
 
 import lightning as L
+from lightning.pytorch.callbacks import Checkpoint
 
 CHECKPOINT_PATTERN = re.compile(r"^model_epoch_(\d{3,})_step_(\d{5,})\.pth$")
 
@@ -33,8 +34,11 @@ def find_resume_checkpoint(run_dir: str, model_name: str) -> Optional[str]:
     return max(found)[1] if found else None
 
 
-class GroundlabCheckpoint(L.Callback):
-    """Saves every `interval` epochs (unit "epoch", after validation) or optimizer steps (unit "step")."""
+class GroundlabCheckpoint(Checkpoint):
+    """Saves every `interval` epochs (unit "epoch", after validation) or optimizer steps (unit "step"), and where
+    a run stops early. A Checkpoint subclass, so Lightning runs it after its Timer: a `max_time` stop is seen in
+    the same batch and saved there, mid-epoch, exactly like a step checkpoint (an epoch cut short is never saved
+    as finished, which made the resumed run skip its rest)."""
 
     def __init__(self, run_dir: str, model_name: str, interval: int = 1, unit: str = "epoch"):
         if unit not in ("epoch", "step"):
@@ -62,15 +66,23 @@ class GroundlabCheckpoint(L.Callback):
                 shutil.copyfile(final, link_tmp)
             os.replace(link_tmp, latest)
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        # a resumed run starts at a saved step: its first batches (mid gradient accumulation) must not save again
+        self._last_saved_step = trainer.global_step
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.unit == "step" and trainer.global_step > 0 and trainer.global_step % self.interval == 0:
+        if trainer.should_stop:  # max_time (the Timer ran just before): keep this exact place in the epoch
+            self._save(trainer, trainer.current_epoch)
+        elif self.unit == "step" and trainer.global_step > 0 and trainer.global_step % self.interval == 0:
             self._save(trainer, trainer.current_epoch)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        """A run stopped early (max_time) still leaves its final state."""
+        """A run stopped otherwise (e.g. between batches) still leaves its final state."""
         self._save(trainer, trainer.current_epoch)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.fit_loop.epoch_loop.batch_progress.current.processed < trainer.num_training_batches:
+            return  # cut short (max_time): saved where it stopped, not as a finished epoch
         epoch = trainer.current_epoch + 1  # epochs done
         if self.unit == "epoch" and (epoch % self.interval == 0 or epoch == trainer.max_epochs):
             self._save(trainer, epoch)

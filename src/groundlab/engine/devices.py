@@ -21,7 +21,9 @@ def trainer_devices(train: DictConfig) -> Tuple[str, Union[int, List[int]], obje
     every model keeps its parameters in the graph) or FSDP (train.distributed_strategy=fsdp)."""
     if not _cuda(train.num_gpus):
         return "cpu", 1, "auto"
-    devices = list(train.gpu_ids)[: train.num_gpus] if train.gpu_ids else train.num_gpus
+    # gpu_ids picks the devices when it names enough of them (TAO's default [0] with num_gpus=2 means 2 GPUs)
+    ids = list(train.gpu_ids or [])
+    devices = ids[: train.num_gpus] if len(ids) >= train.num_gpus else train.num_gpus
     n = len(devices) if isinstance(devices, list) else devices
     if n * train.num_nodes == 1:
         return "gpu", devices, "auto"

@@ -39,7 +39,8 @@ class ResumableSampler(Sampler[int]):
         else:
             order = list(range(self.num_samples))
         per_rank = -(-self.num_samples // self.world_size)
-        order += order[: per_rank * self.world_size - len(order)]  # pad so every rank takes the same steps
+        total = per_rank * self.world_size
+        order = (order * -(-total // max(1, len(order))))[:total]  # pad (repeating) so every rank takes the same steps
         return order[self.rank :: self.world_size]
 
     def __len__(self) -> int:

@@ -10,7 +10,7 @@ loaders draw worker seeds from their own generator, so nothing else depends on t
 from __future__ import annotations
 
 import random
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import lightning as L
 import numpy as np
@@ -18,8 +18,8 @@ import torch
 
 
 def random_states() -> Dict[str, Any]:
-    """Every random state the training step can draw from (torch tensors and plain types only, so the
-    checkpoint loads with weights_only=True)."""
+    """Every random state this process's training step can draw from (torch tensors and plain types only, so
+    the checkpoint loads with weights_only=True); CUDA: the current device's generator."""
     py = random.getstate()
     np_state = np.random.get_state()
     states = {
@@ -29,7 +29,7 @@ def random_states() -> Dict[str, Any]:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+        states["cuda"] = torch.cuda.get_rng_state()
     return states
 
 
@@ -40,28 +40,35 @@ def set_random_states(states: Dict[str, Any]) -> None:
     np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        torch.cuda.set_rng_state(states["cuda"])
 
 
 class ResumeState(L.Callback):
-    """Saves the random states and the epoch position in each checkpoint; restores both on resume."""
+    """Saves every rank's random states in each checkpoint (rank 0 writes the file, so the others' are gathered);
+    restores each rank's own on resume."""
 
     def __init__(self):
-        self._pending: Optional[Dict[str, Any]] = None
+        self._pending: Optional[List[Dict[str, Any]]] = None
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"random": random_states()}
+        states: List[Any] = [random_states()]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            states = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(states, random_states())  # every rank saves: a collective
+        return {"random_per_rank": states}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        self._pending = state_dict.get("random")
+        self._pending = state_dict.get("random_per_rank")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._pending is not None:
-            set_random_states(self._pending)
+            if trainer.global_rank < len(self._pending):  # a run resumed on as many ranks as it was saved from
+                set_random_states(self._pending[trainer.global_rank])
             self._pending = None
 
 
 def batches_done_in_epoch(trainer: L.Trainer) -> int:
-    """Training batches of the current epoch whose step has run (what a resumed epoch must skip)."""
-    progress = trainer.fit_loop.epoch_loop.batch_progress.current
-    return int(progress.processed)
+    """Training batches of the current epoch that reached an optimizer step (what a resumed epoch skips): under
+    gradient accumulation a partial group is not in the checkpoint's weights, so it is replayed."""
+    processed = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+    return processed - processed % max(1, int(trainer.accumulate_grad_batches))

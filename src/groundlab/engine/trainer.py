@@ -57,7 +57,7 @@ def build_trainer(cfg: DictConfig, has_validation: bool = True) -> L.Trainer:
         default_root_dir=cfg.results_dir, max_epochs=train.num_epochs, accelerator=accelerator, devices=devices,
         num_nodes=train.num_nodes, strategy=strategy, precision=trainer_precision(train),
         gradient_clip_val=train.clip_grad_norm or None, accumulate_grad_batches=train.get("accum_grad_batches", 1),
-        logger=_loggers(cfg), enable_checkpointing=False, callbacks=callbacks,
+        logger=_loggers(cfg), enable_checkpointing=True, callbacks=callbacks,  # ours: no default ModelCheckpoint
         use_distributed_sampler=False,  # ResumableSampler shards over the ranks itself
         num_sanity_val_steps=0, log_every_n_steps=1, enable_model_summary=False, fast_dev_run=bool(train.get("is_dry_run", False)),
         max_time={"minutes": train.max_time_minutes} if train.max_time_minutes else None,

@@ -31,9 +31,14 @@ class BuiltModel:
     report: Optional[LoadReport]
 
 
+# keys older groundlab checkpoints carry that no code reads any more (removed, not renamed)
+RETIRED_MODEL_KEYS = ("mask_dim", "mask_loss_coef", "dice_loss_coef", "num_mask_points")
+
+
 def typed_model_config(fields: Dict[str, Any]) -> DictConfig:
-    """A model config checked against the schema (unknown keys fail naming them)."""
-    return OmegaConf.merge(OmegaConf.structured(GDinoModelConfig), fields)
+    """A model config checked against the schema (unknown keys fail naming them; retired ones are dropped)."""
+    return OmegaConf.merge(OmegaConf.structured(GDinoModelConfig),
+                           {k: v for k, v in fields.items() if k not in RETIRED_MODEL_KEYS})
 
 
 def _bert_from_config(config: Dict[str, Any]):

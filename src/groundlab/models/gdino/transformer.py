@@ -88,7 +88,8 @@ class Transformer(nn.Module):
         self_attn_mask = None
         # the common case, every query real: no padding mask, so attention keeps its unmasked fast path
         # (a traced graph keeps the mask: whether queries are padded is decided at run time there)
-        query_padding_mask = ~real if torch.jit.is_tracing() or not bool(real.all()) else None
+        traced = torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
+        query_padding_mask = ~real if traced or not bool(real.all()) else None
         if denoising is not None:
             dn_label, dn_box, self_attn_mask = denoising
             tgt = torch.cat([dn_label.to(tgt.dtype), tgt], 1)
