@@ -217,3 +217,33 @@ def test_bf16_trains_and_validates(tmp_path):
     ckpt = torch.load(tmp_path / "gdino_model_latest.pth", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 2
     assert {v.dtype for v in ckpt["state_dict"].values() if v.is_floating_point()} == {torch.float32}
+
+
+@pytest.mark.slow
+def test_validation_encodes_each_prompt_chunk_once(compose, tmp_path, monkeypatch):
+    """A class list longer than one prompt (max_text_len 14: the nine synthetic classes in three chunks) is encoded
+    once per validation, not once per batch: the text encoder runs chunks x validations times."""
+    from groundlab.predict.torch_backend import TorchBackend
+
+    calls = {"n": 0}
+    original = TorchBackend.encode_text
+
+    def counted(self, tokens):
+        calls["n"] += 1
+        return original(self, tokens)
+
+    monkeypatch.setattr(TorchBackend, "encode_text", counted)
+    from groundlab.data.odvg import read_label_map
+    from groundlab.data.sources import synthetic_paths
+    from groundlab.text.captions import chunk_class_prompts
+    from groundlab.text.tokenizer import load_tokenizer
+    from groundlab.text.tokens import PromptEncoder
+
+    cfg = compose(TRAIN + ["model.max_text_len=14", "dataset.max_labels=2", "train.num_epochs=2",
+                           "dataset.batch_size=2", "train.validation_interval=1"], results_dir=str(tmp_path))
+    names = read_label_map(synthetic_paths(cfg.dataset, cfg.cache_dir).label_map)[0]
+    chunks = len(chunk_class_prompts(names, PromptEncoder(load_tokenizer(cfg.model.text_encoder_type), 14).name_len,
+                                     14).prompts)
+    metrics = run_action(cfg)
+    assert chunks >= 2 and metrics["epochs"] == 2 and 0.0 <= metrics["val_mAP50"] <= 1.0
+    assert calls["n"] == 2 * chunks  # 2 validations x the chunks, over 2 validation batches each
