@@ -14,13 +14,12 @@ from omegaconf import DictConfig
 
 from groundlab.data.bad_images import log_skipped
 from groundlab.engine.module_base import GroundlabModule
-from groundlab.eval.mask_miou import MaskIoUMeter
+from groundlab.eval.mask_miou import MaskIoUMeter, score_batch
 from groundlab.models.checkpoint import load_checkpoint
 from groundlab.models.mal.build import build_mal_network, network_state
 from groundlab.models.mal.criterion import MALCriterion
-from groundlab.eval.mask_miou import score_batch
-from groundlab.predict.mal import MALPredictor
 from groundlab.models.mal.vit_weights import load_mae_weights
+from groundlab.predict.mal import MALPredictor
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +58,7 @@ class MALLightning(GroundlabModule):
         self.base_lr = cfg.train.lr * devices * cfg.train.batch_size
         self.min_lr = cfg.train.min_lr if cfg.train.min_lr > 0 else self.base_lr * cfg.train.min_lr_rate
         self.meter: Optional[MaskIoUMeter] = None
+        self.predictor: Optional[MALPredictor] = None  # made at each validation, on its device
         self._bad_val_images: set = set()  # undecodable validation images already named in the log
         if cfg.train.activation_checkpoint:
             self.student.backbone.set_activation_checkpointing(True)
@@ -116,12 +116,10 @@ class MALLightning(GroundlabModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # ----------------------------------------------------------------------------------------- validation
-    def predictor(self) -> MALPredictor:
-        """Validation scores the student (evaluate's teacher / mixed / flip options apply to action=evaluate)."""
-        return MALPredictor.from_model(self.student, self.cfg.model.mask_thres, self.device)
-
     def on_validation_epoch_start(self) -> None:
         self.meter = MaskIoUMeter(len(self.class_names))
+        # validation scores the student (evaluate's teacher / mixed / flip options apply to action=evaluate)
+        self.predictor = MALPredictor.from_model(self.student, self.cfg.model.mask_thres, self.device)
 
     def validation_step(self, batch: Dict[str, Any], batch_idx: int) -> None:
         for bad in batch.get("skipped", ()):  # boxes of an undecodable image are left out, the image named once
@@ -130,7 +128,7 @@ class MALLightning(GroundlabModule):
                 log_skipped(bad, "its boxes are left out of the validation mIoU")
         if "teacher" not in batch:
             return
-        score_batch(self.predictor()(batch), batch, self.meter)
+        score_batch(self.predictor(batch), batch, self.meter)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.world_size > 1:
