@@ -31,7 +31,7 @@ def num_tokens(model, images, padding_mask=None):
     if padding_mask is None:
         padding_mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool)
     with torch.no_grad():
-        _, masks, _ = model.image_levels(images, padding_mask)
+        masks = model.image_levels(images, padding_mask).masks
     return sum((~m).flatten(1).sum(1) for m in masks)
 
 

@@ -188,6 +188,16 @@ def _check_model(cfg: DictConfig, errors: List[str]) -> None:
                       f"with model={m.name} (the mask head comes with model=mask_gdino).")
     if "masks" in m.loss_types and m.name != "mask_gdino":
         errors.append(f"model.loss_types={list(m.loss_types)} has masks, which only model=mask_gdino has.")
+    if m.name == "mask_gdino":
+        if "masks" not in m.loss_types and cfg.action.name == "train":
+            errors.append(f"model.loss_types={list(m.loss_types)} lacks masks: model=mask_gdino would train a mask "
+                          f"head without a mask loss.")
+        if m.num_feature_levels < 3:
+            errors.append(f"model.num_feature_levels={m.num_feature_levels}: model=mask_gdino's pixel decoder fuses "
+                          f"three levels (strides 8, 16, 32), so it needs at least 3.")
+        if m.mask_dim < 1 or m.hidden_dim % 4:
+            errors.append(f"model.mask_dim={m.mask_dim} must be >= 1 and model.hidden_dim={m.hidden_dim} divisible "
+                          f"by 4 (the pixel decoder narrows hidden_dim to hidden_dim / 4, then to mask_dim).")
     n_interm = len(m.return_interm_indices)
     if m.num_feature_levels < n_interm:
         errors.append(

@@ -61,9 +61,11 @@ class GDinoModelConfig:
     set_cost_giou: float = 2.0
     interm_loss_coef: float = 1.0
     loss_types: List[str] = field(default_factory=lambda: ["labels", "boxes"])
-    # Mask Grounding DINO: model=mask_gdino sets has_mask (TAO's switch; checked to match the model). Its mask
-    # head and loss keys (mask_dim, mask_loss_coef, dice_loss_coef, ...) arrive with the head (issue 11).
+    # Mask Grounding DINO: model=mask_gdino sets has_mask (TAO's switch; checked to match the model)
     has_mask: bool = False
+    mask_dim: int = 8  # mask feature channels of the pixel decoder (TAO: hidden_dim // 32 = 8)
+    mask_loss_coef: float = 2.0  # sigmoid focal loss on the stride-4 masks of matched queries
+    dice_loss_coef: float = 5.0
 
 
 @dataclass

@@ -20,6 +20,9 @@ from groundlab.predict.gdino import GDinoPredictor
 
 log = logging.getLogger(__name__)
 
+# TAO's fine-tuning spec freezes ["backbone.0", "bert"]: its image backbone is IDEA's `backbone.0`, ours `backbone.body`
+TAO_FREEZE_PREFIXES = {"backbone.0": "backbone.body"}
+
 
 class GDinoLightning(GroundlabModule):
     """cfg: the composed config. datamodule: a prepared GroundingDataModule (validation ground truth,
@@ -37,6 +40,8 @@ class GDinoLightning(GroundlabModule):
         self._freeze(cfg.train.freeze)
         self.model.set_activation_checkpointing(bool(cfg.train.activation_checkpoint))
         self.criterion = build_criterion(cfg.model)
+        # Mask Grounding DINO validates its masks too (COCO segm AP)
+        self.iou_types = ("bbox", "segm") if cfg.model.get("has_mask") else ("bbox",)
         self.evaluator: Optional[CocoEvaluator] = None
         self.predictor: Optional[GDinoPredictor] = None  # made at the first validation, on its device
         self._bad_val_images: set = set()  # undecodable validation images already named in the log
@@ -45,6 +50,7 @@ class GDinoLightning(GroundlabModule):
         """train.freeze: parameters whose names start with any prefix stop training (e.g. [backbone, bert])."""
         names = [n for n, _ in self.model.named_parameters()]
         for prefix in prefixes:
+            prefix = TAO_FREEZE_PREFIXES.get(prefix, prefix)
             hit = [n for n in names if n.startswith(prefix)]
             if not hit:
                 raise ValueError(f"train.freeze: no parameter name starts with {prefix!r} "
@@ -79,7 +85,7 @@ class GDinoLightning(GroundlabModule):
         self.check_loss(total, batch_idx)
         bs = batch["images"].shape[0]
         self.log("train_loss", total, prog_bar=True, batch_size=bs)
-        for key in ("loss_ce", "loss_bbox", "loss_giou"):
+        for key in ("loss_ce", "loss_bbox", "loss_giou", "loss_mask", "loss_dice"):
             if key in losses:
                 self.log(f"train_{key}", losses[key], batch_size=bs)
         return total
@@ -95,7 +101,7 @@ class GDinoLightning(GroundlabModule):
     # ----------------------------------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
         class_ids = list(self.cfg.dataset.eval_class_ids) if self.cfg.dataset.eval_class_ids else None
-        self.evaluator = CocoEvaluator(self.dm.val_gt_json, class_ids=class_ids)
+        self.evaluator = CocoEvaluator(self.dm.val_gt_json, iou_types=self.iou_types, class_ids=class_ids)
         if self.predictor is None or self.predictor.device != self.device:
             self.predictor = GDinoPredictor.from_model(self.model, self.cfg.model, self.device)
         self.predictor.texts.clear()  # the text encoder may have trained since the last validation
@@ -106,7 +112,8 @@ class GDinoLightning(GroundlabModule):
                 self._bad_val_images.add(bad.file_name)
                 log_skipped(bad, "validated as an image without detections")
             self.evaluator.update(bad.image_id, {"scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long),
-                                                 "boxes": torch.zeros(0, 4)}, self.dm.val_category_ids)
+                                                 "boxes": torch.zeros(0, 4), "masks": torch.zeros(0, 1, 1)},
+                                  self.dm.val_category_ids)
         if batch["images"] is None:
             return
         sizes = torch.stack([t["orig_size"] for t in batch["targets"]])
@@ -124,12 +131,16 @@ class GDinoLightning(GroundlabModule):
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.world_size > 1:  # every rank evaluates the gathered predictions of all ranks
-            merged = CocoEvaluator(self.dm.val_gt_json, class_ids=self.evaluator.class_ids)
+            merged = CocoEvaluator(self.dm.val_gt_json, iou_types=self.iou_types, class_ids=self.evaluator.class_ids)
             merged.merge(self.gather(self.evaluator.state()))
             self.evaluator = merged
-        stats = self.evaluator.summarize()["bbox"]
-        self.record_validation({"val_mAP": float(stats["AP"] or 0.0), "val_mAP50": float(stats["AP50"] or 0.0)},
-                               prog_bar=("val_mAP", "val_mAP50"))
+        summary = self.evaluator.summarize()
+        # box metrics keep Grounding DINO's names (TAO's monitor is the box mAP50); masks add segm_val_*
+        metrics = {"val_mAP": float(summary["bbox"]["AP"] or 0.0), "val_mAP50": float(summary["bbox"]["AP50"] or 0.0)}
+        if "segm" in summary:
+            metrics.update({"segm_val_mAP": float(summary["segm"]["AP"] or 0.0),
+                            "segm_val_mAP50": float(summary["segm"]["AP50"] or 0.0)})
+        self.record_validation(metrics, prog_bar=("val_mAP50", "segm_val_mAP50"))
 
     # ---------------------------------------------------------------------------------------- checkpoints
     def checkpoint_fields(self) -> Dict[str, Any]:

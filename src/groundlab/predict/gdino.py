@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from groundlab.models.gdino.build import BuiltModel, build_gdino
 from groundlab.models.gdino.postprocess import GroundingPostProcessor, merge_chunk_results, select_free_form
+from groundlab.predict.mask_paste import paste_query_masks
 from groundlab.predict.text_cache import TextCache
 from groundlab.predict.torch_backend import TorchBackend
 from groundlab.text.captions import ChunkedPrompts, Prompt, chunk_class_prompts
@@ -42,6 +43,7 @@ class GDinoPredictor:
         self.post = GroundingPostProcessor(num_select)
         self.texts = TextCache(backend.encode_text, self.encoder, self.device)
         self.class_names = class_names
+        self.has_masks = backend.has_masks  # Mask Grounding DINO: results carry "masks"
         self._chunked: Dict[Tuple[str, ...], ChunkedPrompts] = {}
 
     @classmethod
@@ -73,41 +75,54 @@ class GDinoPredictor:
         return [self.backend.detect(image, self.texts.get(p).text) for p in chunked.prompts]
 
     def postprocess_chunks(self, outputs: Sequence[Dict[str, Any]], orig_sizes: torch.Tensor, chunked: ChunkedPrompts,
-                           nms_threshold: Optional[float] = None) -> List[Result]:
+                           nms_threshold: Optional[float] = None, mask_threshold: float = 0.5) -> List[Result]:
         """Per image {"scores" (K,), "labels" (K,) global class index, "boxes" (K, 4) xyxy original pixels},
-        float32, sorted by score, K <= num_select."""
+        float32, sorted by score, K <= num_select; with a mask head also "masks" (K, H, W) bool at the original
+        size (probability > mask_threshold), computed for those K detections only."""
         sizes = orig_sizes.to(self.device)
         per_chunk = []
         with torch.autocast(self.device.type, enabled=False):  # scores in fp32 also under bf16/fp16 autocast
             for out, prompt in zip(outputs, chunked.prompts):
                 out = {"pred_logits": out["pred_logits"].float(), "pred_boxes": out["pred_boxes"].float()}
                 per_chunk.append(self.post(out, sizes, self.texts.get(prompt).positive_map))
-        return merge_chunk_results(per_chunk, chunked, self.post.num_select, nms_threshold)
+            results = merge_chunk_results(per_chunk, chunked, self.post.num_select, nms_threshold)
+            if self.has_masks:
+                for b, result in enumerate(results):
+                    result["masks"] = paste_query_masks(outputs, b, result["chunks"], result["queries"],
+                                                        sizes[b], mask_threshold)
+        return [{k: v for k, v in r.items() if k not in ("queries", "chunks")} for r in results]
 
     def detect_classes(self, images: torch.Tensor, padding_mask: torch.Tensor, orig_sizes: torch.Tensor,
-                       class_names: Sequence[str], nms_threshold: Optional[float] = None) -> List[Result]:
+                       class_names: Sequence[str], nms_threshold: Optional[float] = None,
+                       mask_threshold: float = 0.5) -> List[Result]:
         """images (B, 3, H, W) normalized, padding_mask (B, H, W), orig_sizes (B, 2) (h, w): detections over
-        the whole class list (labels index class_names)."""
+        the whole class list (labels index class_names); "masks" as postprocess_chunks gives them."""
         chunked = self.chunked(class_names)
         return self.postprocess_chunks(self.run_chunks(images, padding_mask, chunked), orig_sizes, chunked,
-                                       nms_threshold)
+                                       nms_threshold, mask_threshold)
 
     def detect_captions(self, images: torch.Tensor, padding_mask: torch.Tensor, orig_sizes: torch.Tensor,
-                        prompts: Sequence[Prompt], box_threshold: float, text_threshold: float
-                        ) -> List[Dict[str, object]]:
+                        prompts: Sequence[Prompt], box_threshold: float, text_threshold: float,
+                        mask_threshold: float = 0.5) -> List[Dict[str, object]]:
         """One free-form caption per image, all images in one batch: per image {"scores" (K,), "boxes" (K, 4),
-        "phrases": K str} (queries above box_threshold, named by their tokens above text_threshold)."""
+        "phrases": K str} (queries above box_threshold, named by their tokens above text_threshold), and
+        "masks" (K, H, W) bool with a mask head."""
         encoded = [self.texts.get(p) for p in prompts]
         text = encoded[0].text if len({p.text for p in prompts}) == 1 else \
             self.backend.stack_text([e.text for e in encoded])
         image = self.backend.encode_image(images.to(self.device), padding_mask.to(self.device))
-        out = self.backend.detect(image, text)
-        out = {"pred_logits": out["pred_logits"].float(), "pred_boxes": out["pred_boxes"].float()}
+        raw = self.backend.detect(image, text)
+        out = {"pred_logits": raw["pred_logits"].float(), "pred_boxes": raw["pred_boxes"].float()}
         sizes = orig_sizes.to(self.device)
         results = []
         with torch.autocast(self.device.type, enabled=False):
             for b, e in enumerate(encoded):
                 one = {k: v[b : b + 1] for k, v in out.items()}
-                results += select_free_form(one, sizes[b : b + 1], e.input_ids, self.tokenizer, box_threshold,
-                                            text_threshold)
+                result = select_free_form(one, sizes[b : b + 1], e.input_ids, self.tokenizer, box_threshold,
+                                          text_threshold)[0]
+                queries = result.pop("queries")
+                if self.has_masks:
+                    result["masks"] = paste_query_masks([raw], b, torch.zeros_like(queries), queries, sizes[b],
+                                                        mask_threshold)
+                results.append(result)
         return results

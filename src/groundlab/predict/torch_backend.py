@@ -12,7 +12,8 @@ writers are the predictor's, shared by every backend. Its contract:
   in 16 chunks runs the Swin once).
 - `detect(image, text) -> {"pred_logits": (B, Q, max_text_len), "pred_boxes": (B, Q, 4) cxcywh in [0, 1]}`
   (this backend also returns the model's auxiliary outputs, which validation's loss uses). A text of batch 1 is
-  broadcast over the images.
+  broadcast over the images. With `has_masks`, also MaskGroundingDINO's "mask_features", "mask_stride",
+  "image_sizes", "mask_params" and "mask_refs" (models/mask_gdino/dynamic_mask.query_masks reads them).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any, Dict, List
 import torch
 
 from groundlab.models.gdino.model import GroundingDINO
+from groundlab.models.mask_gdino.model import MaskGroundingDINO
 
 
 class TorchBackend:
@@ -35,6 +37,11 @@ class TorchBackend:
     @property
     def max_text_len(self) -> int:
         return self.model.max_text_len
+
+    @property
+    def has_masks(self) -> bool:
+        """detect() also returns MaskGroundingDINO's mask outputs (mask_features, mask_params, ...)."""
+        return isinstance(self.model, MaskGroundingDINO)
 
     @torch.no_grad()
     def encode_text(self, tokens: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

@@ -32,7 +32,7 @@ class BuiltModel:
 
 
 # keys older groundlab checkpoints carry that no code reads any more (removed, not renamed)
-RETIRED_MODEL_KEYS = ("mask_dim", "mask_loss_coef", "dice_loss_coef", "num_mask_points")
+RETIRED_MODEL_KEYS = ("num_mask_points",)
 
 
 def typed_model_config(fields: Dict[str, Any]) -> DictConfig:
@@ -48,6 +48,16 @@ def _bert_from_config(config: Dict[str, Any]):
     return BertModel(BertConfig(**clean), add_pooling_layer=False)
 
 
+def network(cfg: DictConfig, bert=None) -> GroundingDINO:
+    """The network of a model config: MaskGroundingDINO when model.has_mask (model=mask_gdino), else
+    GroundingDINO; random weights (the text encoder's pretrained ones unless text_encoder_pretrained is off)."""
+    if cfg.get("has_mask"):
+        from groundlab.models.mask_gdino.model import MaskGroundingDINO
+
+        return MaskGroundingDINO(cfg, phrase_delimiters(cfg), bert=bert)
+    return GroundingDINO(cfg, phrase_delimiters(cfg), bert=bert)
+
+
 def phrase_delimiters(model_cfg: DictConfig) -> List[int]:
     """Special token ids of `model.text_encoder_type`'s vocab; TextEncoderNotFound names the path tried."""
     return special_token_ids(load_tokenizer(model_cfg.text_encoder_type))
@@ -57,13 +67,13 @@ def build_gdino(model_cfg: DictConfig, checkpoint: Optional[str] = None) -> Buil
     """The model of `model_cfg` with random weights, or of `checkpoint`:
     groundlab .pth -> its stored config; HF directory -> its config.json; IDEA .pth -> `model_cfg`."""
     if checkpoint is None:
-        return BuiltModel(GroundingDINO(model_cfg, phrase_delimiters(model_cfg)), model_cfg, None, None)
+        return BuiltModel(network(model_cfg), model_cfg, None, None)
     path = os.path.expanduser(checkpoint)
     if os.path.isdir(path) and hf_weights_file(path) and os.path.isfile(os.path.join(path, "config.json")):
         cfg = typed_model_config(model_config_from_hf(path))
         from transformers import BertModel
 
-        model = GroundingDINO(cfg, phrase_delimiters(cfg), bert=BertModel(hf_text_config(path), add_pooling_layer=False))
+        model = network(cfg, bert=BertModel(hf_text_config(path), add_pooling_layer=False))
         report = load_weights(model, path)
         log.info(report.summary())
         return BuiltModel(model, cfg, None, report)
@@ -75,13 +85,13 @@ def build_gdino(model_cfg: DictConfig, checkpoint: Optional[str] = None) -> Buil
         bert = _bert_from_config(obj["text_config"]) if obj.get("text_config") else None
         if bert is None:
             cfg.text_encoder_pretrained = False
-        model = GroundingDINO(cfg, phrase_delimiters(cfg), bert=bert)
+        model = network(cfg, bert=bert)
         report = load_state(model, checkpoint_state(obj), path, "groundlab")
         log.info(report.summary())
         return BuiltModel(model, cfg, obj.get("class_names"), report)
     cfg = model_cfg.copy()
     cfg.text_encoder_pretrained = False  # the checkpoint carries the text encoder's weights
-    model = GroundingDINO(cfg, phrase_delimiters(cfg))
+    model = network(cfg)
     report = load_weights(model, path)
     log.info(report.summary())
     return BuiltModel(model, cfg, None, report)

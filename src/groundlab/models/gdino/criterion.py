@@ -104,13 +104,15 @@ class SetCriterion(nn.Module):
     losses: subset of ("labels", "boxes"); aux_loss: include aux_outputs; interm_loss_coef: extra factor on the
     "_interm" weights (Open-GroundingDino's interm_loss_coef)."""
 
+    loss_keys = LOSS_KEYS  # loss_types name -> the loss dict keys it produces (subclasses add their own)
+
     def __init__(self, matcher: HungarianMatcher, weight_dict: Mapping[str, float], focal_alpha: float = 0.25,
                  focal_gamma: float = 2.0, losses: Sequence[str] = ("labels", "boxes"), aux_loss: bool = True,
                  interm_loss_coef: float = 1.0):
         super().__init__()
-        unknown = [name for name in losses if name not in LOSS_KEYS]
+        unknown = [name for name in losses if name not in self.loss_keys]
         if unknown:
-            raise ValueError(f"SetCriterion: unknown losses {unknown}; known: {sorted(LOSS_KEYS)}")
+            raise ValueError(f"{type(self).__name__}: unknown losses {unknown}; known: {sorted(self.loss_keys)}")
         self.matcher = matcher
         self.weight_dict = dict(weight_dict)
         self.focal_alpha = focal_alpha
@@ -223,7 +225,8 @@ class SetCriterion(nn.Module):
 
 def build_criterion(model_cfg: Any) -> SetCriterion:
     """SetCriterion from a GDinoModelConfig (DictConfig or dataclass): loss weights cls/bbox/giou_loss_coef,
-    matching costs set_cost_*, focal_alpha/gamma, aux_loss, interm_loss_coef, loss_types ("masks" skipped)."""
+    matching costs set_cost_*, focal_alpha/gamma, aux_loss, interm_loss_coef, loss_types. With model.has_mask
+    (model=mask_gdino), the Mask Grounding DINO criterion, which adds "masks" (mask_loss_coef, dice_loss_coef)."""
     matcher = HungarianMatcher(
         cost_class=model_cfg.set_cost_class, cost_bbox=model_cfg.set_cost_bbox, cost_giou=model_cfg.set_cost_giou,
         focal_alpha=model_cfg.focal_alpha, focal_gamma=model_cfg.focal_gamma,
@@ -231,9 +234,12 @@ def build_criterion(model_cfg: Any) -> SetCriterion:
     weight_dict = {"loss_ce": model_cfg.cls_loss_coef, "loss_bbox": model_cfg.bbox_loss_coef,
                    "loss_giou": model_cfg.giou_loss_coef}
     weight_dict.update({f"{k}_dn": v for k, v in list(weight_dict.items())})  # denoising terms weigh the same
-    # "masks" (mask_gdino's loss_types) belongs to the Mask Grounding DINO loss, not to this criterion; any other
-    # unknown name still fails in SetCriterion.
-    losses = tuple(n for n in (getattr(model_cfg, "loss_types", None) or ("labels", "boxes")) if n != "masks")
-    return SetCriterion(matcher, weight_dict, focal_alpha=model_cfg.focal_alpha, focal_gamma=model_cfg.focal_gamma,
-                        losses=losses, aux_loss=bool(model_cfg.aux_loss),
-                        interm_loss_coef=model_cfg.interm_loss_coef)
+    kind = SetCriterion
+    if getattr(model_cfg, "has_mask", False):
+        from groundlab.models.mask_gdino.criterion import MaskSetCriterion
+
+        kind = MaskSetCriterion
+        weight_dict.update({"loss_mask": model_cfg.mask_loss_coef, "loss_dice": model_cfg.dice_loss_coef})
+    losses = tuple(getattr(model_cfg, "loss_types", None) or ("labels", "boxes"))
+    return kind(matcher, weight_dict, focal_alpha=model_cfg.focal_alpha, focal_gamma=model_cfg.focal_gamma,
+                losses=losses, aux_loss=bool(model_cfg.aux_loss), interm_loss_coef=model_cfg.interm_loss_coef)

@@ -8,7 +8,7 @@ under `backbone.body.` with transformers' own backbone names (groundlab's Swin k
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
@@ -23,6 +23,15 @@ from groundlab.models.common.text_encoder import build_bert
 from groundlab.models.gdino.denoising import prepare_denoising
 from groundlab.models.gdino.heads import ContrastiveEmbed
 from groundlab.models.gdino.transformer import Transformer
+
+
+class ImageLevels(NamedTuple):
+    """The image half of the network (GroundingDINO.image_levels), reused for every prompt of the images."""
+
+    srcs: List[torch.Tensor]  # per level (B, C, H_l, W_l)
+    masks: List[torch.Tensor]  # per level (B, H_l, W_l) bool, True on padding
+    pos: List[torch.Tensor]  # per level (B, C, H_l, W_l) position encodings
+    sizes: torch.Tensor  # (B, 2) long (h, w) of each input image without its padding
 
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -116,9 +125,9 @@ class GroundingDINO(nn.Module):
         return {"text": self.feat_map(hidden), "text_token_mask": attention_mask.bool(),
                 "text_self_attention_mask": text_self_attention_mask, "position_ids": position_ids}
 
-    def image_levels(self, images: torch.Tensor, padding_mask: torch.Tensor):
-        """Backbone + input projections: ([(B, C, H_l, W_l)] maps, [(B, H_l, W_l)] padding masks,
-        [(B, C, H_l, W_l)] position encodings), one per level."""
+    def image_levels(self, images: torch.Tensor, padding_mask: torch.Tensor) -> ImageLevels:
+        """Backbone + input projections: ImageLevels of per-level (B, C, H_l, W_l) maps, (B, H_l, W_l) padding
+        masks and (B, C, H_l, W_l) position encodings, and the (B, 2) unpadded input sizes."""
         features = self.backbone(images, padding_mask)
         srcs, masks = [], []
         for lvl, (feat, mask) in enumerate(features):
@@ -129,7 +138,8 @@ class GroundingDINO(nn.Module):
             masks.append(nn.functional.interpolate(padding_mask[None].float(), size=src.shape[-2:])[0].bool())
             srcs.append(src)
         pos = [self.position_embedding(m).to(s.dtype) for s, m in zip(srcs, masks)]
-        return srcs, masks, pos
+        sizes = torch.stack([(~padding_mask[:, :, 0]).sum(1), (~padding_mask[:, 0, :]).sum(1)], 1)
+        return ImageLevels(srcs, masks, pos, sizes)
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
@@ -153,7 +163,7 @@ class GroundingDINO(nn.Module):
                             ) -> Dict[str, Any]:
         """forward_with_text() from image_levels()'s output: a predictor with several prompts per image (a long
         class list in chunks) runs the image backbone once and this once per prompt."""
-        srcs, masks, pos = levels
+        srcs, masks, pos, sizes = levels
         B = srcs[0].shape[0]
         if text["text"].shape[0] != B:
             text = {k: v.expand(B, *v.shape[1:]) for k, v in text.items()}
@@ -190,4 +200,11 @@ class GroundingDINO(nn.Module):
             "interm_outputs": {"pred_logits": out["interm_logits"], "pred_boxes": out["interm_boxes"]},
             "text_token_mask": token_mask,
         })
+        self.add_outputs(result, out, sizes, dn[3]["pad_size"] if dn is not None else 0)
         return result
+
+    def add_outputs(self, result: Dict[str, Any], transformer_out: Dict[str, Any], sizes: torch.Tensor,
+                    num_denoising: int) -> None:
+        """Hook for heads beyond boxes and phrases (Mask Grounding DINO's masks): `result` as forward() returns
+        it, the transformer's outputs, the (B, 2) unpadded input sizes and the denoising queries in front of
+        the matching ones. Grounding DINO adds nothing."""

@@ -61,7 +61,8 @@ def topk_pairs(scores: Tensor, boxes: Tensor, k: int) -> Dict[str, Tensor]:
     """Top-k (query, class) pairs per image, vectorized over the batch (traces for export).
 
     scores (B, Q, C), boxes (B, Q, 4) -> {"scores": (B, K), "labels": (B, K) long,
-    "boxes": (B, K, 4)} with K = min(k, Q * C), sorted by decreasing score. A query may appear once
+    "boxes": (B, K, 4), "queries": (B, K) long, the query of each pair} with K = min(k, Q * C), sorted by
+    decreasing score. A query may appear once
     per class (IDEA / TAO behaviour), so one object can be reported under two similar classes."""
     B, Q, C = scores.shape
     k = min(int(k), Q * C)
@@ -69,7 +70,7 @@ def topk_pairs(scores: Tensor, boxes: Tensor, k: int) -> Dict[str, Tensor]:
     query = torch.div(flat_idx, C, rounding_mode="floor")
     labels = flat_idx % C
     top_boxes = torch.gather(boxes, 1, query.unsqueeze(-1).expand(B, k, 4))
-    return {"scores": top_scores, "labels": labels, "boxes": top_boxes}
+    return {"scores": top_scores, "labels": labels, "boxes": top_boxes, "queries": query}
 
 
 def drop_padded(result: Result) -> Result:
@@ -110,7 +111,8 @@ class GroundingPostProcessor(nn.Module):
     ) -> List[Result]:
         """outputs: {"pred_logits": (B, Q, L), "pred_boxes": (B, Q, 4)}; target_sizes: (B, 2) as (h, w)
         of the original images; positive_maps: (C, L) shared by the batch, or a list of B (C_b, L) maps
-        (one prompt per image). Returns B dicts {"scores": (K,), "labels": (K,) long, "boxes": (K, 4)},
+        (one prompt per image). Returns B dicts {"scores": (K,), "labels": (K,) long, "boxes": (K, 4),
+        "queries": (K,) long (the query of each detection, for its mask)},
         K <= num_select, sorted by decreasing score; padded queries never appear (fewer than num_select pairs
         when the real queries times the classes are fewer)."""
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
@@ -145,8 +147,10 @@ def merge_chunk_results(
 
     per_chunk[k][b]: result of prompt k for image b, labels local to that prompt. Labels are mapped to
     global class ids through chunked.class_ids[k]; each image's detections from all chunks are
-    re-sorted by score, cut to num_select, then class-wise NMS (when nms_threshold is given).
-    Scores compare across chunks because each class's score depends only on its own tokens' logits."""
+    re-sorted by score, cut to num_select, then class-wise NMS (when nms_threshold is given). Other per-detection
+    keys the results share ("queries") are carried along, and "chunks" (K,) long says which prompt each
+    detection came from. Scores compare across chunks because each class's score depends only on its own
+    tokens' logits."""
     if len(per_chunk) != len(chunked.class_ids):
         raise ValueError(f"{len(per_chunk)} chunk results for {len(chunked.class_ids)} prompts")
     if not per_chunk:
@@ -155,18 +159,21 @@ def merge_chunk_results(
     if any(len(results) != num_images for results in per_chunk):
         raise ValueError("every chunk needs one result per image")
     merged: List[Result] = []
+    extra = [key for key in per_chunk[0][0] if key not in ("scores", "labels", "boxes")] if num_images else []
     for b in range(num_images):
-        scores, labels, boxes = [], [], []
+        parts: Dict[str, List[Tensor]] = {key: [] for key in ["scores", "labels", "boxes", "chunks", *extra]}
         for k, results in enumerate(per_chunk):
             r = results[b]
             ids = torch.as_tensor(chunked.class_ids[k], dtype=torch.long, device=r["labels"].device)
-            scores.append(r["scores"])
-            labels.append(ids[r["labels"].long()])
-            boxes.append(r["boxes"].reshape(-1, 4))
-        all_scores = torch.cat(scores)
+            parts["scores"].append(r["scores"])
+            parts["labels"].append(ids[r["labels"].long()])
+            parts["boxes"].append(r["boxes"].reshape(-1, 4))
+            parts["chunks"].append(torch.full_like(r["labels"], k, dtype=torch.long))
+            for key in extra:
+                parts[key].append(r[key])
+        all_scores = torch.cat(parts["scores"])
         order = torch.sort(all_scores, descending=True, stable=True).indices[:num_select]
-        result = {"scores": all_scores[order], "labels": torch.cat(labels)[order], "boxes": torch.cat(boxes)[order]}
-        merged.append(apply_nms(result, nms_threshold))
+        merged.append(apply_nms({key: torch.cat(values)[order] for key, values in parts.items()}, nms_threshold))
     return merged
 
 
@@ -209,7 +216,7 @@ def select_free_form(
 
     input_ids: (B, L') ids of each image's caption, or (L',) for one caption shared by the batch.
     Returns per image {"scores": (K,) max token probability, "boxes": (K, 4) xyxy pixels,
-    "phrases": list of K str}, sorted by decreasing score. As in IDEA, the max runs over all
+    "phrases": list of K str, "queries": (K,) long}, sorted by decreasing score. As in IDEA, the max runs over all
     caption tokens (special ones included), so a kept box may get an empty phrase."""
     logits = outputs["pred_logits"]
     probs = logits.sigmoid()
@@ -224,5 +231,6 @@ def select_free_form(
             "scores": best[b][kept],
             "boxes": pixel_boxes[b][kept],
             "phrases": phrases_from_token_probs(probs[b][kept], ids, tokenizer, text_threshold),
+            "queries": kept,
         })
     return results

@@ -1,0 +1,74 @@
+"""Mask Grounding DINO: Grounding DINO plus a CondInst-style dynamic mask head (TAO's `mask_grounding_dino`).
+
+A controller MLP turns each decoder query into the weights of three dynamic 1x1 convolutions
+(models/mask_gdino/dynamic_mask.py); a pixel decoder fuses the encoder memory of the first three levels into
+mask features (models/mask_gdino/pixel_decoder.py). The network itself stops there: it outputs the features and
+every query's controller vector, and masks are computed only for the queries that need them (the matched ones
+in training, the selected ones at inference) by the parameter-free `query_masks`. Parameter names are TAO's
+(`controller.layers.{0,1,2}`, `mask_head.{lay1..lay4,jia_dcn}`), so TAO checkpoints load unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from groundlab.models.common.mlp import MLP
+from groundlab.models.gdino.model import GroundingDINO
+from groundlab.models.mask_gdino.dynamic_mask import MASK_OUT_STRIDE, num_dynamic_params
+from groundlab.models.mask_gdino.pixel_decoder import MaskPixelDecoder
+
+MASK_HEAD_PREFIXES = ("controller.", "mask_head.")  # the parameters a Grounding DINO checkpoint lacks
+
+
+class MaskGroundingDINO(GroundingDINO):
+    """GroundingDINO.forward's outputs plus, in `pred_*`'s dict and (training only) in every `aux_outputs`
+    entry: "mask_params" (B, Q, P) the query's dynamic convolution weights, "mask_refs" (B, Q, 2) normalized
+    (x, y) reference point of the query's decoder layer (detached), and the shared "mask_features"
+    (B, mask_dim, H_s, W_s), "mask_stride" (int, s: 8 for return_interm_indices [1, 2, 3]) and "image_sizes"
+    (B, 2) (h, w) of the unpadded inputs, so each layer dict alone feeds `query_masks`. The denoising and
+    encoder-proposal outputs carry no masks (TAO computes no mask loss on them either)."""
+
+    def __init__(self, cfg, special_token_ids: Sequence[int], bert: Optional[nn.Module] = None):
+        super().__init__(cfg, special_token_ids, bert)
+        if cfg.num_feature_levels < 3:
+            raise ValueError(f"model=mask_gdino needs model.num_feature_levels >= 3 (its pixel decoder fuses three "
+                             f"levels), got {cfg.num_feature_levels}")
+        d = cfg.hidden_dim
+        self.mask_dim = int(cfg.mask_dim)
+        # memory level 0 is backbone stage return_interm_indices[0], of stride 4 * 2^index
+        self.mask_stride = 4 * 2 ** int(cfg.return_interm_indices[0])
+        if self.mask_stride % MASK_OUT_STRIDE:
+            raise ValueError(f"mask features at stride {self.mask_stride} cannot be upsampled to stride 4")
+        self.controller = MLP(d, d, num_dynamic_params(self.mask_dim), 3)
+        for layer in self.controller.layers:
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        self.mask_head = MaskPixelDecoder(d, self.mask_dim)
+
+    def mask_features(self, memory: torch.Tensor, spatial_shapes: List) -> torch.Tensor:
+        """(B, S, C) encoder memory -> (B, mask_dim, H_0, W_0) mask features at stride self.mask_stride."""
+        B, _, C = memory.shape
+        levels, start = [], 0
+        for h, w in spatial_shapes[:3]:
+            levels.append(memory[:, start : start + h * w].transpose(1, 2).reshape(B, C, h, w))
+            start += h * w
+        return self.mask_head(levels)
+
+    def add_outputs(self, result: Dict[str, Any], transformer_out: Dict[str, Any], sizes: torch.Tensor,
+                    num_denoising: int) -> None:
+        shared = {"mask_features": self.mask_features(transformer_out["memory"], transformer_out["spatial_shapes"]),
+                  "mask_stride": self.mask_stride, "image_sizes": sizes}
+        hidden, references = transformer_out["hidden"], transformer_out["references"]
+        last = len(hidden) - 1
+        layers = [(last, result)]
+        if self.training:  # evaluation masks only the final layer's queries
+            layers += list(enumerate(result["aux_outputs"]))
+        P = num_denoising
+        for lid, layer in layers:
+            layer.update(shared)
+            layer["mask_params"] = self.controller(hidden[lid][:, P:])
+            # the box this layer refines: references[lid] is its input (references[0] = the selected proposals)
+            layer["mask_refs"] = references[lid][:, P:, :2].detach()

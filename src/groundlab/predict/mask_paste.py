@@ -1,0 +1,46 @@
+"""Masks of selected detections at the original image size: the mask head runs for those queries only.
+
+For each detection, `query_masks` gives stride-4 logits from its prompt chunk's outputs; as in TAO's
+PostProcess they are resized to the padded network input (x4), cropped to the unpadded input and resized to the
+original image (bilinear both times), then thresholded on the probability. Work is done in groups of
+PASTE_GROUP masks, so 300 detections on a large image never hold 300 float masks at full size at once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from groundlab.models.mask_gdino.dynamic_mask import MASK_OUT_STRIDE, query_masks
+
+PASTE_GROUP = 32
+
+
+def paste_query_masks(outputs: Sequence[Dict[str, Any]], image: int, chunks: torch.Tensor, queries: torch.Tensor,
+                      orig_size: torch.Tensor, threshold: float) -> torch.Tensor:
+    """outputs: per prompt chunk, MaskGroundingDINO's outputs for the batch; image: the batch index; chunks,
+    queries: (K,) long, each detection's chunk and query; orig_size: (2,) (h, w). Returns (K, h, w) bool,
+    probability > threshold."""
+    H, W = (int(v) for v in orig_size.tolist())
+    K = int(queries.numel())
+    masks = torch.zeros(K, H, W, dtype=torch.bool, device=queries.device)
+    if K == 0:
+        return masks
+    # sigmoid(x) > t  <=>  x > logit(t); thresholds at 0 or 1 keep everything / nothing
+    cut = -math.inf if threshold <= 0 else math.inf if threshold >= 1 else math.log(threshold / (1 - threshold))
+    for k in chunks.unique().tolist():
+        out = outputs[k]
+        in_h, in_w = (int(v) for v in out["image_sizes"][image].tolist())
+        rows = (chunks == k).nonzero().flatten()
+        for group in rows.split(PASTE_GROUP):
+            q = queries[group].to(out["mask_params"].device)
+            logits = query_masks(out, torch.full_like(q, image), q).float()[:, None]  # (G, 1, H4, W4)
+            h4, w4 = logits.shape[-2:]
+            logits = F.interpolate(logits, size=(h4 * MASK_OUT_STRIDE, w4 * MASK_OUT_STRIDE), mode="bilinear",
+                                   align_corners=False)[:, :, :in_h, :in_w]
+            logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
+            masks[group.to(masks.device)] = (logits[:, 0] > cut).to(masks.device)
+    return masks
