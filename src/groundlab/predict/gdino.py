@@ -32,7 +32,12 @@ Result = Dict[str, torch.Tensor]
 
 class GDinoPredictor:
     """backend: runs the network (TorchBackend ...); tokenizer: the text encoder's; num_select: (query, class)
-    pairs kept per image; class_names: the label map a checkpoint carried (or None)."""
+    pairs kept per image; class_names: the label map a checkpoint carried (or None).
+
+    has_masks: the network has a mask head (mask_gdino); its results then also hold "masks" (K, H, W) bool at the
+    original image size, binarized at mask_threshold. Grounding DINO has none and ignores mask_threshold."""
+
+    has_masks = False
 
     def __init__(self, backend: TorchBackend, tokenizer, num_select: int, device: torch.device,
                  class_names: Optional[List[str]] = None, config: Optional[DictConfig] = None):
@@ -85,7 +90,8 @@ class GDinoPredictor:
         return merge_chunk_results(per_chunk, chunked, self.post.num_select, nms_threshold)
 
     def detect_classes(self, images: torch.Tensor, padding_mask: torch.Tensor, orig_sizes: torch.Tensor,
-                       class_names: Sequence[str], nms_threshold: Optional[float] = None) -> List[Result]:
+                       class_names: Sequence[str], nms_threshold: Optional[float] = None,
+                       mask_threshold: float = 0.5) -> List[Result]:
         """images (B, 3, H, W) normalized, padding_mask (B, H, W), orig_sizes (B, 2) (h, w): detections over
         the whole class list (labels index class_names)."""
         chunked = self.chunked(class_names)
@@ -93,8 +99,8 @@ class GDinoPredictor:
                                        nms_threshold)
 
     def detect_captions(self, images: torch.Tensor, padding_mask: torch.Tensor, orig_sizes: torch.Tensor,
-                        prompts: Sequence[Prompt], box_threshold: float, text_threshold: float
-                        ) -> List[Dict[str, object]]:
+                        prompts: Sequence[Prompt], box_threshold: float, text_threshold: float,
+                        mask_threshold: float = 0.5) -> List[Dict[str, object]]:
         """One free-form caption per image, all images in one batch: per image {"scores" (K,), "boxes" (K, 4),
         "phrases": K str} (queries above box_threshold, named by their tokens above text_threshold)."""
         encoded = [self.texts.get(p) for p in prompts]
