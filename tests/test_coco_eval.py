@@ -80,6 +80,32 @@ def _stats(metrics):
     return {t: {k: v for k, v in m.items() if k != "report"} for t, m in metrics.items()}
 
 
+def test_precomputed_rles_score_as_the_masks_they_encode(gt_path):
+    from groundlab.ops.masks import encode_masks
+
+    by_masks, by_rles = CocoEvaluator(gt_path, iou_types=("segm",)), CocoEvaluator(gt_path, iou_types=("segm",))
+    rng = np.random.default_rng(0)
+    for img_id, objs in OBJECTS.items():
+        r = _result(objs, jitter=3, rng=rng)
+        by_masks.update(img_id, r, CATEGORY_IDS)
+        by_rles.update(img_id, {**{k: v for k, v in r.items() if k != "masks"}, "rles": encode_masks(r["masks"])},
+                       CATEGORY_IDS)
+    assert _stats(by_rles.summarize()) == _stats(by_masks.summarize())
+
+
+@pytest.mark.parametrize("segmentation, fragment", [(None, "has none"), ({"counts": "x"}, "RLE dict")])
+def test_segm_gt_is_checked_when_the_evaluator_is_built(tmp_path, segmentation, fragment):
+    from groundlab.errors import DataError
+
+    gt = _gt()
+    gt["annotations"][2]["segmentation"] = segmentation
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(gt))
+    with pytest.raises(DataError, match=f"gt.json: annotation id 3: .*{fragment}"):
+        CocoEvaluator(str(path), iou_types=("bbox", "segm"))
+    CocoEvaluator(str(path), iou_types=("bbox",))  # boxes alone do not need it
+
+
 def test_perfect_detections_give_ap_one_for_bbox_and_segm(gt_path):
     ev = CocoEvaluator(gt_path, iou_types=("bbox", "segm"))
     for img_id, objs in OBJECTS.items():

@@ -4,7 +4,9 @@
 The predictor encodes each distinct prompt once and runs the backbone once per image.
 
 Writes into <results_dir>/inference/: images_annotated/ (boxes, label, score), labels/ (KITTI, TAO layout),
-results.json (COCO detections) and images.json (the COCO images and categories they refer to). An image that
+results.json (COCO detections) and images.json (the COCO images and categories they refer to). A mask model
+(Mask Grounding DINO: its results carry "masks") adds each detection's mask: tinted in its class colour on the
+annotated image and as an RLE "segmentation" in results.json; the KITTI files stay boxes only. An image that
 cannot be decoded is skipped, named in the log and listed in images.json under "skipped_images"
 ({"file_name", "source", "reason"}); the metrics count it (images_skipped).
 """
@@ -26,9 +28,11 @@ from groundlab.data.bad_images import BadImage, log_skipped, split_bad
 from groundlab.data.collate import pad_images
 from groundlab.data.image_decode import decode_rgb
 from groundlab.data.odvg import read_label_map
-from groundlab.data.raw import InferenceDataset, InferItem, caption_prompt, list_raw, open_sources, read_coco_raw
+from groundlab.data.raw import (InferenceDataset, InferItem, caption_prompt, list_raw, open_sources, read_classmap,
+                                read_coco_raw)
 from groundlab.data.sources import synthetic_paths
 from groundlab.data.transforms import build_eval_transforms
+from groundlab.deploy.mask_overlay import draw_masked_detections
 from groundlab.deploy.writers import CocoResultsWriter, draw_detections, write_kitti
 from groundlab.engine.devices import run_device
 from groundlab.predict.gdino import GDinoPredictor
@@ -42,13 +46,15 @@ def inference_inputs(cfg: DictConfig) -> Tuple[list, List[InferItem], Optional[L
     src = cfg.dataset.infer_data_sources
     cache = os.path.expanduser(cfg.cache_dir)
     if src.image_dir:
+        # a classmap is read before the images open (an archive may take a while to decompress)
+        names = read_classmap(src.classmap) if src.classmap else [str(c) for c in src.captions]
         sources = open_sources(list(src.image_dir), cache)
         if src.json_file:
             return sources, read_coco_raw(src.json_file, sources, cfg.dataset.skip_missing_images), None
-        if not src.captions:
-            raise ConfigError("dataset.infer_data_sources.captions (class names) or .json_file (coco_raw "
-                              "captions per image) is needed with dataset.infer_data_sources.image_dir.")
-        return sources, list_raw(sources), [str(c) for c in src.captions]
+        if not names:
+            raise ConfigError("dataset.infer_data_sources.captions or .classmap (class names) or .json_file "
+                              "(coco_raw captions per image) is needed with dataset.infer_data_sources.image_dir.")
+        return sources, list_raw(sources), names
     if cfg.dataset.type == "synthetic":
         p = synthetic_paths(cfg.dataset, cache)
         sources = open_sources([p.val_images], cache)
@@ -99,11 +105,11 @@ def run(cfg: DictConfig) -> Dict[str, float]:
             continue
         if chunked is not None:
             results = predictor.detect_classes(batch["images"], batch["padding_mask"], batch["orig_sizes"],
-                                               class_names, inf.nms_threshold)
+                                               class_names, inf.nms_threshold, inf.mask_threshold)
         else:  # a caption per image, the whole batch at once
             results = predictor.detect_captions(batch["images"], batch["padding_mask"], batch["orig_sizes"],
                                                 [caption_prompt(c) for c in batch["captions"]],
-                                                inf.conf_threshold, inf.text_threshold)
+                                                inf.conf_threshold, inf.text_threshold, inf.mask_threshold)
         for b, result in enumerate(results):
             result = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in result.items()}
             names = class_names
@@ -123,8 +129,9 @@ def run(cfg: DictConfig) -> Dict[str, float]:
                         inf.conf_threshold)
             coco.add(image_id, result)
             picture = decode_rgb(sources[source].read(name), name)
-            drawn = draw_detections(np.asarray(picture), result, names, dict(inf.color_map), inf.outline_width,
-                                    inf.conf_threshold)
+            draw = draw_masked_detections if "masks" in result else draw_detections
+            drawn = draw(np.asarray(picture), result, names, dict(inf.color_map), inf.outline_width,
+                         inf.conf_threshold)
             target = os.path.join(out_dir, "images_annotated", os.path.splitext(rel)[0] + ".jpg")
             os.makedirs(os.path.dirname(target), exist_ok=True)
             drawn.convert("RGB").save(target, quality=92)

@@ -133,14 +133,18 @@ RULES: List[Tuple[str, Rule]] = [
     ("dataset.num_workers_per_gpu", at_least(0)),
     ("dataset.crop_size", at_least(1)),
     ("dataset.min_obj_size", at_least(0)),
+    ("dataset.infer_data_sources.data_type", one_of("OD", "VG")),
     # evaluate / inference
     ("evaluate.conf_threshold", PROBABILITY),
+    ("evaluate.nms_threshold", PROBABILITY),
+    ("evaluate.mask_threshold", PROBABILITY),
     ("evaluate.batch_size", at_least(1)),
     ("evaluate.num_gpus", at_least(0)),
     ("evaluate.gpu_ids", each(at_least(0))),
     ("inference.conf_threshold", PROBABILITY),
     ("inference.text_threshold", PROBABILITY),
     ("inference.nms_threshold", PROBABILITY),
+    ("inference.mask_threshold", PROBABILITY),
     ("inference.outline_width", at_least(1)),
     ("inference.batch_size", at_least(1)),
     ("inference.draw_images", at_least(-1)),
@@ -281,6 +285,21 @@ def _check_dataset(cfg: DictConfig, errors: List[str]) -> None:
         errors.append(f"dataset.max_labels={d.max_labels} must be >= 1.")
     if d.type in ("odvg", "coco") and cfg.action.name == "train" and not d.train_data_sources:
         errors.append(f"dataset.type={d.type} with action=train needs dataset.train_data_sources.")
+    _check_infer_sources(d.infer_data_sources, errors)
+
+
+def _check_infer_sources(src: DictConfig, errors: List[str]) -> None:
+    """One class list (captions or a classmap file) or a caption per image (json_file); OD only until issue 13."""
+    key = "dataset.infer_data_sources"
+    if src.data_type == "VG":
+        errors.append(f"{key}.data_type=VG (referring expressions, TAO's mask_grounding_dino) is not available yet: "
+                      f"VG referring segmentation comes with issue 13; use data_type=OD with a class list.")
+    if _given(src, "classmap") and _given(src, "captions"):
+        errors.append(f"{key}.classmap and {key}.captions are both given: name the classes once, as a classmap "
+                      f"file (one class per line) or as a captions list.")
+    if _given(src, "classmap") and _given(src, "json_file"):
+        errors.append(f"{key}.classmap and {key}.json_file are both given: a classmap is one class list for every "
+                      f"image, json_file a caption per image; choose one.")
 
 
 def _check_synthetic(cfg: DictConfig, errors: List[str]) -> None:

@@ -121,8 +121,13 @@ class MALTrainConfig:
 
 @dataclass
 class GDinoEvaluateConfig:
+    """Grounding DINO and Mask Grounding DINO (one schema: mask_threshold is read only where the checkpoint has a
+    mask head; a box-only predictor ignores it)."""
+
     checkpoint: Optional[str] = None
     conf_threshold: float = 0.0
+    nms_threshold: Optional[float] = None  # class-wise box NMS IoU over the merged detections; None: no NMS
+    mask_threshold: float = 0.5  # mask models: a pixel is in the instance when its mask probability is >= this
     num_gpus: int = 1
     gpu_ids: List[int] = field(default_factory=lambda: [0])
 
@@ -140,10 +145,13 @@ class MALEvaluateConfig:
 
 @dataclass
 class GDinoInferenceConfig:
+    """Grounding DINO and Mask Grounding DINO (mask_threshold as in GDinoEvaluateConfig)."""
+
     checkpoint: Optional[str] = None
     conf_threshold: float = 0.5
     text_threshold: float = 0.25
     nms_threshold: Optional[float] = None
+    mask_threshold: float = 0.5
     color_map: Dict[str, str] = field(default_factory=dict)
     outline_width: int = 3
     num_gpus: int = 1

@@ -22,11 +22,14 @@ class DataSource:
 
 @dataclass
 class InferDataSources:
-    """Unannotated images for inference: `raw` (folders + one class list) or `coco_raw` (jsonl)."""
+    """Unannotated images for inference: `raw` (folders + one class list, as `captions` or a `classmap` file) or
+    `coco_raw` (jsonl). TAO's mask_grounding_dino keys: `classmap`, `data_type`."""
 
     image_dir: List[str] = field(default_factory=list)
     captions: List[str] = field(default_factory=list)  # class names shared by every image (raw)
+    classmap: Optional[str] = None  # the same, as a text file of one class name per line (instead of captions)
     json_file: Optional[str] = None  # coco_raw: jsonl of {"image_path": ..., "caption": ...}
+    data_type: str = "OD"  # OD: object detection with a class list; VG (referring expressions) comes with issue 13
 
 
 @dataclass

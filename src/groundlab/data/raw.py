@@ -1,8 +1,10 @@
-"""Unannotated inputs for inference: `raw` (image folders or archives + one class list) and
-`coco_raw` (jsonl lines {"image_path": ..., "caption": ...}, each image with its own caption)."""
+"""Unannotated inputs for inference: `raw` (image folders or archives + one class list, given as a list or as
+a classmap text file) and `coco_raw` (jsonl lines {"image_path": ..., "caption": ...}, each image with its own
+caption)."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -10,7 +12,7 @@ import numpy as np
 import torch
 
 from groundlab.text.captions import Prompt, Span
-from groundlab.errors import DataError
+from groundlab.errors import DataError, MissingFile
 from groundlab.data.bad_images import BadImage
 from groundlab.data.image_decode import ImageDecodeError, decode_rgb
 from groundlab.data.image_source import ImageSource
@@ -50,6 +52,24 @@ def open_sources(image_dirs: Sequence[str], cache_dir: Optional[str]) -> List[Im
         raise DataError("dataset.infer_data_sources.image_dir is empty: give folders or .tar/.tar.gz archives")
     return [open_images(path, f"dataset.infer_data_sources.image_dir[{i}]", cache_dir)
             for i, path in enumerate(image_dirs)]
+
+
+def read_classmap(path: str, key: str = "dataset.infer_data_sources.classmap") -> List[str]:
+    """Class names of a classmap text file (TAO's mask_grounding_dino `classmap`, e.g. label_map.txt): one name
+    per line, in file order (class index = position), surrounding whitespace stripped, blank lines skipped.
+    `key` is the config key that named the file; a missing, unreadable or empty file is one sentence naming it."""
+    full = os.path.expanduser(path)
+    if not os.path.isfile(full):
+        raise MissingFile(f"{key}={path} is not a file (a text file with one class name per line).")
+    try:
+        with open(full, encoding="utf-8") as f:
+            names = [line.strip() for line in f]
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{key}={path} cannot be read as UTF-8 text ({err}).") from None
+    names = [n for n in names if n]
+    if not names:
+        raise DataError(f"{key}={path} holds no class names (one per line; blank lines are skipped).")
+    return names
 
 
 def list_raw(sources: Sequence[ImageSource]) -> List[InferItem]:

@@ -1,8 +1,10 @@
 """Inference outputs as TAO writes them: KITTI label files, COCO results json, annotated images.
 
 Every function takes one image's detection result
-    {"scores": (K,), "labels": (K,) int class index, "boxes": (K, 4) xyxy pixels}
-as torch tensors or numpy arrays (see models.gdino.postprocess), sorted or not.
+    {"scores": (K,), "labels": (K,) int class index, "boxes": (K, 4) xyxy pixels[, "masks": (K, H, W) bool]}
+as torch tensors or numpy arrays (see models.gdino.postprocess), sorted or not. "masks" (Mask Grounding DINO,
+at the original image size) adds an RLE "segmentation" to the COCO results; KITTI files have no place for it.
+Masks are drawn by deploy.mask_overlay.
 """
 
 from __future__ import annotations
@@ -15,28 +17,41 @@ import numpy as np
 from PIL import Image, ImageColor, ImageDraw
 
 from groundlab.ops.atomic_write import atomic_write_text
+from groundlab.ops.masks import encode_mask
 
 # Distinct, saturated colours for boxes of classes that the color map does not name (by label).
 PALETTE = ["#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6",
            "#bcf60c", "#fabebe", "#008080", "#e6beff", "#9a6324", "#800000", "#aaffc3", "#000075"]
 
 
-def _arrays(result: Mapping[str, object]):
-    """(scores (K,) float64, labels (K,) int64, boxes (K, 4) float64) as numpy."""
-    def to_np(x):
-        if hasattr(x, "detach"):
-            x = x.detach().cpu().numpy()
-        return np.asarray(x)
+def _to_np(x) -> np.ndarray:
+    if hasattr(x, "detach"):  # a torch tensor, without importing torch here
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
 
-    scores = to_np(result["scores"]).astype(np.float64).reshape(-1)
-    labels = to_np(result["labels"]).astype(np.int64).reshape(-1)
-    boxes = to_np(result["boxes"]).astype(np.float64).reshape(-1, 4)
+
+def detection_arrays(result: Mapping[str, object]):
+    """(scores (K,) float64, labels (K,) int64, boxes (K, 4) float64) as numpy."""
+    scores = _to_np(result["scores"]).astype(np.float64).reshape(-1)
+    labels = _to_np(result["labels"]).astype(np.int64).reshape(-1)
+    boxes = _to_np(result["boxes"]).astype(np.float64).reshape(-1, 4)
     if not len(scores) == len(labels) == len(boxes):
         raise ValueError(f"result has {len(scores)} scores, {len(labels)} labels and {len(boxes)} boxes")
     return scores, labels, boxes
 
 
-def _name(names: Sequence[str], label: int) -> str:
+def result_masks(result: Mapping[str, object]) -> Optional[np.ndarray]:
+    """result["masks"] as (K, H, W) bool numpy (nonzero = inside), or None when the result has no masks."""
+    if "masks" not in result:
+        return None
+    masks = _to_np(result["masks"])
+    n = len(_to_np(result["scores"]).reshape(-1))
+    if masks.ndim != 3 or len(masks) != n:
+        raise ValueError(f"result masks must be (K, H, W) for its {n} detections, got shape {masks.shape}")
+    return masks.astype(bool, copy=False)
+
+
+def class_name(names: Sequence[str], label: int) -> str:
     if not 0 <= label < len(names):
         raise ValueError(f"label {label} is outside the {len(names)} class names")
     return names[label]
@@ -55,12 +70,12 @@ def kitti_lines(result: Mapping[str, object], class_names: Sequence[str], conf_t
     "{name} 0.00 0 0.00 {x1:.2f} {y1:.2f} {x2:.2f} {y2:.2f} 0.00 0.00 0.00 0.00 0.00 0.00 0.00 {score:.3f}"
     (type, truncated, occluded, alpha, bbox, 3-D dims, location, rotation_y, score). TAO prints the
     bbox with 3 decimals; 2 (0.01 px) is what KITTI tools expect and loses nothing meaningful."""
-    scores, labels, boxes = _arrays(result)
+    scores, labels, boxes = detection_arrays(result)
     lines = []
     for score, label, (x1, y1, x2, y2) in zip(scores, labels, boxes):
         if score < conf_threshold:
             continue
-        name = kitti_name(_name(class_names, int(label)))
+        name = kitti_name(class_name(class_names, int(label)))
         lines.append(f"{name} 0.00 0 0.00 {x1:.2f} {y1:.2f} {x2:.2f} {y2:.2f} "
                      f"0.00 0.00 0.00 0.00 0.00 0.00 0.00 {score:.3f}")
     return lines
@@ -75,14 +90,16 @@ def write_kitti(path: str, result: Mapping[str, object], class_names: Sequence[s
 
 def coco_results(image_id: int, result: Mapping[str, object], category_ids: Optional[Sequence[int]] = None,
                  conf_threshold: float = 0.0) -> List[Dict[str, object]]:
-    """COCO detection results of one image: [{"image_id", "category_id", "bbox": [x, y, w, h], "score"}].
+    """COCO detection results of one image: [{"image_id", "category_id", "bbox": [x, y, w, h], "score"}], each
+    with "segmentation" (compressed RLE {"size": [H, W], "counts": str}) when the result has masks.
 
     category_id is category_ids[label] when given (contiguous class index -> the dataset's COCO
     category id), else the label itself. bbox is rounded to 0.01 px and score to 1e-5: finer digits
     only bloat the json and do not change AP."""
-    scores, labels, boxes = _arrays(result)
+    scores, labels, boxes = detection_arrays(result)
+    masks = result_masks(result)
     out = []
-    for score, label, (x1, y1, x2, y2) in zip(scores, labels, boxes):
+    for k, (score, label, (x1, y1, x2, y2)) in enumerate(zip(scores, labels, boxes)):
         if score < conf_threshold:
             continue
         if category_ids is not None and not 0 <= label < len(category_ids):
@@ -94,6 +111,8 @@ def coco_results(image_id: int, result: Mapping[str, object], category_ids: Opti
             "bbox": [round(float(x1), 2), round(float(y1), 2), round(float(x2 - x1), 2), round(float(y2 - y1), 2)],
             "score": round(float(score), 5),
         })
+        if masks is not None:  # only the kept detections' masks are encoded
+            out[-1]["segmentation"] = encode_mask(masks[k])
     return out
 
 
@@ -127,6 +146,12 @@ def _text_colour(fill) -> str:
     return "black" if 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] > 140 else "white"
 
 
+def box_colour(name: str, label: int, color_map: Optional[Mapping[str, str]] = None) -> str:
+    """A detection's colour (any PIL colour string): color_map[name] when the map names the class, else
+    PALETTE[label] (cycling). Boxes, label pads and mask tints of a class share it."""
+    return (color_map or {}).get(name) or PALETTE[int(label) % len(PALETTE)]
+
+
 def draw_detections(
     image: np.ndarray,
     result: Mapping[str, object],
@@ -141,7 +166,7 @@ def draw_detections(
     PALETTE[label]. TAO draws only classes in its color map; here every detection is drawn."""
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"image must be (H, W, 3), got {image.shape}")
-    scores, labels, boxes = _arrays(result)
+    scores, labels, boxes = detection_arrays(result)
     out = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
     draw = ImageDraw.Draw(out)
     # Low scores first, so the most confident boxes end up on top.
@@ -149,8 +174,8 @@ def draw_detections(
         score, label = float(scores[k]), int(labels[k])
         if score < conf_threshold:
             continue
-        name = _name(names, label)
-        colour = (color_map or {}).get(name) or PALETTE[label % len(PALETTE)]
+        name = class_name(names, label)
+        colour = box_colour(name, label, color_map)
         x1, y1, x2, y2 = (float(v) for v in boxes[k])
         draw.rectangle([x1, y1, max(x1, x2), max(y1, y2)], outline=colour, width=outline_width)
         text = f"{name} {score:.2f}"

@@ -6,8 +6,10 @@
 
 A result is one image's detections as models.gdino.postprocess returns them:
 {"scores": (K,), "labels": (K,) contiguous class index, "boxes": (K, 4) xyxy pixels[, "masks": (K, H, W)]},
-torch tensors or numpy arrays. Labels are mapped back to the dataset's COCO category ids through
-`category_ids` (data.coco.read_coco's third return value); None means the labels already are ids.
+torch tensors or numpy arrays; "rles" (K compressed RLEs, ops.masks.encode_masks) may stand in for "masks" when
+the caller has encoded them already (the evaluate action writes them to detections.json too). Labels are
+mapped back to the dataset's COCO category ids through `category_ids` (data.coco.read_coco's third return
+value); None means the labels already are ids.
 
 Only images passed to update() are evaluated (COCOeval imgIds is restricted to them), so validating on
 a subset of the GT file gives that subset's numbers, and images without any detection still count
@@ -26,11 +28,12 @@ import os
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
-from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from groundlab.errors import DataError
 from groundlab.ops.atomic_write import atomic_write_text
+from groundlab.ops.masks import check_segmentation, encode_masks
 
 # COCOeval.stats in its order (summarize() prints them in this order too).
 STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
@@ -82,12 +85,7 @@ def _encode_masks(masks: np.ndarray) -> List[Dict[str, Any]]:
         raise ValueError(f"masks must be (K, H, W), got shape {masks.shape}")
     # Float masks are probabilities; anything else is a 0/1 mask.
     binary = masks > 0.5 if np.issubdtype(masks.dtype, np.floating) else masks != 0
-    if len(binary) == 0:
-        return []
-    rles = mask_util.encode(np.asfortranarray(binary.transpose(1, 2, 0).astype(np.uint8)))
-    for rle in rles:
-        rle["counts"] = rle["counts"].decode("ascii")
-    return rles
+    return encode_masks(binary)
 
 
 def _nan_to_none(value: Any) -> Any:
@@ -117,6 +115,7 @@ class CocoEvaluator:
     def __init__(self, gt: Union[str, Dict[str, Any], COCO], iou_types: Sequence[str] = ("bbox",),
                  class_ids: Optional[Sequence[int]] = None):
         self._log = io.StringIO()
+        self._gt_file = str(gt) if isinstance(gt, (str, os.PathLike)) else None  # named by GT errors
         if isinstance(gt, COCO):
             self.coco_gt = gt
         else:
@@ -147,13 +146,18 @@ class CocoEvaluator:
         self._images: Dict[int, Dict[str, List[Dict[str, Any]]]] = {}
 
     def _check_gt_for_segm(self) -> None:
+        """DataError (a ValueError) naming the GT file and the image or annotation that cannot be scored for masks:
+        at construction, rather than inside pycocotools once every image has been predicted."""
         for img in self.coco_gt.dataset["images"]:
             if img.get("height") is None or img.get("width") is None:
-                raise ValueError(f"segm evaluation needs image height/width in GT (image id {img.get('id')})")
+                raise DataError(f"segm evaluation needs image height/width in GT (image id {img.get('id')})",
+                                self._gt_file)
         for ann in self.coco_gt.dataset.get("annotations", []):
+            where = f"{self._gt_file or 'GT'}: annotation id {ann.get('id')}"
             if not ann.get("segmentation"):
-                raise ValueError(f"segm evaluation needs a segmentation on every GT annotation "
-                                 f"(annotation id {ann.get('id')} has none)")
+                raise DataError("segm evaluation (masks) needs a segmentation on every GT annotation, this one "
+                                "has none", where)
+            check_segmentation(ann["segmentation"], where)
 
     # ---------------------------------------------------------------- accumulate
     def update(self, image_id: int, result: Mapping[str, Any], category_ids: Optional[Sequence[int]]) -> None:
@@ -185,6 +189,8 @@ class CocoEvaluator:
         if "segm" in self.iou_types:
             if len(scores) == 0:
                 rles = []  # nothing detected: masks may be absent or shaped oddly, and are not needed
+            elif "rles" in result:
+                rles = list(result["rles"])
             elif "masks" not in result:
                 raise ValueError("segm evaluation needs result['masks']")
             else:

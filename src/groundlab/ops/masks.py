@@ -3,7 +3,7 @@ decoded with pycocotools."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -43,3 +43,13 @@ def encode_mask(mask: np.ndarray) -> dict:
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     rle["counts"] = rle["counts"].decode("ascii")
     return rle
+
+
+def encode_masks(masks: np.ndarray) -> List[dict]:
+    """encode_mask of each of (K, H, W) bool masks, in one pycocotools call (K RLEs; [] for K = 0)."""
+    if len(masks) == 0:
+        return []
+    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")
+    return rles

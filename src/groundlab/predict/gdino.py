@@ -33,7 +33,12 @@ Result = Dict[str, torch.Tensor]
 
 class GDinoPredictor:
     """backend: runs the network (TorchBackend ...); tokenizer: the text encoder's; num_select: (query, class)
-    pairs kept per image; class_names: the label map a checkpoint carried (or None)."""
+    pairs kept per image; class_names: the label map a checkpoint carried (or None).
+
+    has_masks: the network has a mask head (mask_gdino); its results then also hold "masks" (K, H, W) bool at the
+    original image size, binarized at mask_threshold. Grounding DINO has none and ignores mask_threshold."""
+
+    has_masks = False
 
     def __init__(self, backend: TorchBackend, tokenizer, num_select: int, device: torch.device,
                  class_names: Optional[List[str]] = None, config: Optional[DictConfig] = None):
