@@ -66,14 +66,13 @@ def test_ground_truth_is_sampled_at_stride_4_and_padded():
 @pytest.fixture(scope="module")
 def tiny(compose):
     from groundlab.data.build import build_grounding_dataset
-    from groundlab.models.gdino.build import build_gdino
-    from groundlab.models.gdino.criterion import build_criterion
+    from groundlab.models.gdino.build import build_gdino, criterion_for
 
     cfg = compose(MGD + ["model.dn_number=4"])
     torch.manual_seed(0)
     model = build_gdino(cfg.model).model
     train, collate = build_grounding_dataset(cfg, "train", augment=True)
-    return cfg, model, build_criterion(cfg.model), train, collate
+    return cfg, model, criterion_for(cfg.model), train, collate
 
 
 def _forward(model, batch):

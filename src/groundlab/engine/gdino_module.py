@@ -12,8 +12,7 @@ from omegaconf import DictConfig
 from groundlab.data.bad_images import log_skipped
 from groundlab.engine.module_base import GroundlabModule
 from groundlab.eval.coco_eval import CocoEvaluator
-from groundlab.models.gdino.build import build_gdino
-from groundlab.models.gdino.criterion import build_criterion
+from groundlab.models.gdino.build import build_gdino, criterion_for
 from groundlab.models.gdino.optim import build_optimizer, lr_lambda
 from groundlab.models.gdino.weights import load_weights
 from groundlab.predict.gdino import GDinoPredictor
@@ -39,7 +38,7 @@ class GDinoLightning(GroundlabModule):
         self.model.train()  # from_pretrained() hands over the text encoder in eval mode
         self._freeze(cfg.train.freeze)
         self.model.set_activation_checkpointing(bool(cfg.train.activation_checkpoint))
-        self.criterion = build_criterion(cfg.model)
+        self.criterion = criterion_for(cfg.model)
         # Mask Grounding DINO validates its masks too (COCO segm AP)
         self.iou_types = ("bbox", "segm") if cfg.model.get("has_mask") else ("bbox",)
         self.evaluator: Optional[CocoEvaluator] = None

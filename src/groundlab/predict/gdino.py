@@ -38,8 +38,6 @@ class GDinoPredictor:
     has_masks: the network has a mask head (mask_gdino); its results then also hold "masks" (K, H, W) bool at the
     original image size, binarized at mask_threshold. Grounding DINO has none and ignores mask_threshold."""
 
-    has_masks = False
-
     def __init__(self, backend: TorchBackend, tokenizer, num_select: int, device: torch.device,
                  class_names: Optional[List[str]] = None, config: Optional[DictConfig] = None):
         self.backend, self.tokenizer, self.device = backend, tokenizer, torch.device(device)

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from groundlab.config.schema_model import GDinoModelConfig
 from groundlab.errors import MissingFile
 from groundlab.models.checkpoint import is_groundlab_checkpoint, save_checkpoint
+from groundlab.models.gdino.criterion import SetCriterion, build_criterion
 from groundlab.models.gdino.model import GroundingDINO
 from groundlab.text.tokenizer import load_tokenizer, special_token_ids
 from groundlab.models.gdino.weights import (
@@ -56,6 +57,17 @@ def network(cfg: DictConfig, bert=None) -> GroundingDINO:
 
         return MaskGroundingDINO(cfg, phrase_delimiters(cfg), bert=bert)
     return GroundingDINO(cfg, phrase_delimiters(cfg), bert=bert)
+
+
+def criterion_for(cfg: DictConfig) -> SetCriterion:
+    """The training losses of a model config: Mask Grounding DINO's (Grounding DINO's plus focal + dice on the
+    masks, weights mask_loss_coef / dice_loss_coef) when model.has_mask, else Grounding DINO's."""
+    if cfg.get("has_mask"):
+        from groundlab.models.mask_gdino.criterion import MaskSetCriterion
+
+        return build_criterion(cfg, MaskSetCriterion,
+                               {"loss_mask": cfg.mask_loss_coef, "loss_dice": cfg.dice_loss_coef})
+    return build_criterion(cfg)
 
 
 def phrase_delimiters(model_cfg: DictConfig) -> List[int]:

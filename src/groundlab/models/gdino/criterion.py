@@ -223,10 +223,11 @@ class SetCriterion(nn.Module):
         return weighted_total(loss_dict, self.weight_dict, self.interm_loss_coef)
 
 
-def build_criterion(model_cfg: Any) -> SetCriterion:
-    """SetCriterion from a GDinoModelConfig (DictConfig or dataclass): loss weights cls/bbox/giou_loss_coef,
-    matching costs set_cost_*, focal_alpha/gamma, aux_loss, interm_loss_coef, loss_types. With model.has_mask
-    (model=mask_gdino), the Mask Grounding DINO criterion, which adds "masks" (mask_loss_coef, dice_loss_coef)."""
+def build_criterion(model_cfg: Any, kind: type = SetCriterion, extra_weights: Optional[Mapping[str, float]] = None
+                    ) -> SetCriterion:
+    """A `kind` (SetCriterion or a subclass) from a GDinoModelConfig (DictConfig or dataclass): loss weights
+    cls/bbox/giou_loss_coef (+ extra_weights), matching costs set_cost_*, focal_alpha/gamma, aux_loss,
+    interm_loss_coef, loss_types. models/gdino/build.criterion_for picks kind and weights for a model config."""
     matcher = HungarianMatcher(
         cost_class=model_cfg.set_cost_class, cost_bbox=model_cfg.set_cost_bbox, cost_giou=model_cfg.set_cost_giou,
         focal_alpha=model_cfg.focal_alpha, focal_gamma=model_cfg.focal_gamma,
@@ -234,12 +235,7 @@ def build_criterion(model_cfg: Any) -> SetCriterion:
     weight_dict = {"loss_ce": model_cfg.cls_loss_coef, "loss_bbox": model_cfg.bbox_loss_coef,
                    "loss_giou": model_cfg.giou_loss_coef}
     weight_dict.update({f"{k}_dn": v for k, v in list(weight_dict.items())})  # denoising terms weigh the same
-    kind = SetCriterion
-    if getattr(model_cfg, "has_mask", False):
-        from groundlab.models.mask_gdino.criterion import MaskSetCriterion
-
-        kind = MaskSetCriterion
-        weight_dict.update({"loss_mask": model_cfg.mask_loss_coef, "loss_dice": model_cfg.dice_loss_coef})
+    weight_dict.update(extra_weights or {})
     losses = tuple(getattr(model_cfg, "loss_types", None) or ("labels", "boxes"))
     return kind(matcher, weight_dict, focal_alpha=model_cfg.focal_alpha, focal_gamma=model_cfg.focal_gamma,
                 losses=losses, aux_loss=bool(model_cfg.aux_loss), interm_loss_coef=model_cfg.interm_loss_coef)
