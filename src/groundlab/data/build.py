@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 from groundlab.data.collate import GroundingCollator
 from groundlab.errors import DataError
 from groundlab.data.grounding_dataset import GroundingDataset
+from groundlab.data.mask_checks import check_masks_on_every_box, check_segm_ground_truth
 from groundlab.data.sources import load_split
 from groundlab.text.tokenizer import load_tokenizer
 from groundlab.text.tokens import PromptEncoder
@@ -22,16 +23,25 @@ def build_prompt_encoder(model: DictConfig) -> PromptEncoder:
 def build_grounding_dataset(
     cfg: DictConfig, split: str, augment: bool, encoder: PromptEncoder = None
 ) -> Tuple[GroundingDataset, GroundingCollator]:
-    """Dataset of `split` ("train" | "val" | "test") with training (augment=True) or eval transforms."""
+    """Dataset of `split` ("train" | "val" | "test") with training (augment=True) or eval transforms.
+
+    model=mask_gdino: every box of every record must have a mask, and a COCO json of val/test must carry what
+    COCO segm evaluation needs (data.mask_checks); both fail here, before training, naming file and record.
+    Records without boxes stay valid samples (target["masks"] of shape (0, H, W))."""
     encoder = encoder or build_prompt_encoder(cfg.model)
     want_masks = cfg.model.name == "mask_gdino"
     sources = load_split(cfg.dataset, cfg.cache_dir, split, use_masks=want_masks or cfg.action.name == "visualize")
     if not sources or not sum(len(s.records) for s in sources):
         raise DataError(f"dataset.{split}_data_sources holds no images")
-    has_masks = all(_has_masks(s) for s in sources)
-    if want_masks and not has_masks:
-        missing = [s.name for s in sources if not _has_masks(s)]
-        raise DataError(f"model=mask_gdino trains a mask head, but {missing} carry no instance masks")
+    if want_masks:  # every record now, not when its sample is first loaded
+        if split != "train":
+            for s in sources:
+                if s.name.endswith(".json"):  # the evaluation ground truth
+                    check_segm_ground_truth(s.name)
+        check_masks_on_every_box(sources, f"dataset.{split}_data_sources")
+        has_masks = True
+    else:
+        has_masks = all(_has_masks(s) for s in sources)
     aug = cfg.dataset.augmentation
     transforms = build_train_transforms(aug) if augment else build_eval_transforms(aug)
     dataset = GroundingDataset(
@@ -42,7 +52,8 @@ def build_grounding_dataset(
 
 
 def _has_masks(source) -> bool:
-    """Masks are loaded only when the source carries them (checked on its first annotated record)."""
+    """Other models load masks (to draw them) when the source carries them, judged on its first annotated
+    record: nothing trains on them, so no full scan."""
     for i in range(len(source.records)):
         rec = source.records[i]
         if rec["boxes"]:

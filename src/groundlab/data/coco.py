@@ -94,9 +94,11 @@ def read_coco_file(
     COCO id), where, and per kept box: boxes [[x1, y1, x2, y2]] pixels clamped into the image, labels
     (class indices), iscrowd [0/1], areas, ann_ids, ann_indices (positions in 'annotations'), clamped
     [bool], masks (segmentations; None when `use_masks` is off or, unless `partial_masks`, when any box
-    lacks one; with `partial_masks` a list holding None for boxes without one).
+    lacks one; with `partial_masks` a list holding None for boxes without one), num_masks (how many kept boxes
+    have a segmentation, even when `masks` is None for lacking some: `data.mask_checks` names such records).
     A missing image is a DataError unless `skip_missing` (then its annotations are dropped and listed).
-    A malformed bbox or segmentation is a DataError naming the annotation, wherever it would go."""
+    A malformed bbox or segmentation, or an RLE whose size is not the image's height/width, is a DataError
+    naming the annotation, wherever it would go."""
     data = load_coco_json(json_file)
     names, category_ids = read_categories(data, json_file)
     cat_to_idx = {cid: i for i, cid in enumerate(category_ids)}
@@ -149,7 +151,7 @@ def read_coco_file(
                 box = clean_box(raw, h, w, where, out.stats)
                 seg = ann.get("segmentation") if use_masks else None
                 if seg is not None and seg != []:
-                    check_segmentation(seg, where)
+                    check_segmentation(seg, f"{where_img}, annotation id {ann.get('id')}", (h, w))
                 else:
                     seg = None
                 if box is None:
@@ -163,6 +165,7 @@ def read_coco_file(
                 rec["ann_indices"].append(ann_index)
                 rec["clamped"].append(box != raw)
                 rec["masks"].append(seg)
+            rec["num_masks"] = sum(m is not None for m in rec["masks"])
             if not use_masks or not rec["masks"] or (not partial_masks and any(m is None for m in rec["masks"])):
                 rec["masks"] = None
             out.stats.records += 1

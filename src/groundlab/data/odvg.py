@@ -52,26 +52,31 @@ def _masks_complete(masks: List[Any], where: str, stats: ReadStats) -> bool:
     return bool(masks) and present == len(masks)
 
 
+def _count(masks: List[Any]) -> int:
+    return sum(m is not None for m in masks)
+
+
 def _detection(obj, label_to_idx, h, w, where, stats) -> Dict[str, Any]:
     if label_to_idx is None:
         raise DataError("detection records need a label map (data source key 'label_map')", where)
     boxes, labels, masks = [], [], []
     instances = obj["detection"].get("instances", []) or []
-    for inst in instances:
+    for k, inst in enumerate(instances):
         box = clean_box(parse_box(inst.get("bbox"), where), h, w, where, stats)
         label = inst.get("label")
         if not isinstance(label, int) or label not in label_to_idx:
             raise DataError(f"label {label!r} is not in the label map", where)
         mask = inst.get("mask")
         if mask is not None:
-            check_segmentation(mask, where)
+            check_segmentation(mask, f"{where} (instance {k})", (h, w))
         if box is None:
             continue
         boxes.append(box)
         labels.append(label_to_idx[label])
         masks.append(mask)
     has_masks = _masks_complete(masks, where, stats)
-    return {"kind": "detection", "boxes": boxes, "labels": labels, "masks": masks if has_masks else None}
+    return {"kind": "detection", "boxes": boxes, "labels": labels, "masks": masks if has_masks else None,
+            "num_masks": _count(masks)}
 
 
 def _grounding(obj, h, w, where, stats) -> Dict[str, Any]:
@@ -83,7 +88,7 @@ def _grounding(obj, h, w, where, stats) -> Dict[str, Any]:
     spans: List[Optional[List[List[int]]]] = []
     key_to_id: Dict[Tuple, int] = {}
     boxes, labels, masks = [], [], []
-    for region in g.get("regions", []) or []:
+    for k, region in enumerate(g.get("regions", []) or []):
         phrase = region.get("phrase")
         if not isinstance(phrase, str) or not phrase.strip():
             raise DataError("grounding region needs a non-empty 'phrase'", where)
@@ -95,7 +100,7 @@ def _grounding(obj, h, w, where, stats) -> Dict[str, Any]:
             spans.append(tp)
         box = clean_box(parse_box(region.get("bbox"), where), h, w, where, stats)
         if region.get("mask") is not None:
-            check_segmentation(region["mask"], where)
+            check_segmentation(region["mask"], f"{where} (region {k})", (h, w))
         if box is None:
             continue
         boxes.append(box)
@@ -103,7 +108,7 @@ def _grounding(obj, h, w, where, stats) -> Dict[str, Any]:
         masks.append(region.get("mask"))
     has_masks = _masks_complete(masks, where, stats)
     return {"kind": "grounding", "boxes": boxes, "labels": labels, "masks": masks if has_masks else None,
-            "caption": caption, "phrases": phrases, "spans": spans}
+            "num_masks": _count(masks), "caption": caption, "phrases": phrases, "spans": spans}
 
 
 def iter_odvg(
@@ -144,8 +149,10 @@ def read_odvg(
 
     Record keys: kind ("detection"|"grounding"), file_name, height, width (None if absent), image_id
     (the line number), where ("file:line"), boxes [[x1, y1, x2, y2]] pixels, labels (class index for
-    detection, phrase index for grounding), masks (list of segmentations or None); grounding records
-    add caption, phrases, spans (per phrase: [[start, end], ...] or None)."""
+    detection, phrase index for grounding), masks (list of segmentations, or None unless every box has one),
+    num_masks (how many boxes have one: `data.mask_checks` names records with only some); grounding records
+    add caption, phrases, spans (per phrase: [[start, end], ...] or None). An RLE mask whose size is not the
+    line's height/width (when given) is a DataError naming the line and instance."""
     names, label_to_idx = read_label_map(label_map) if label_map else ([], None)
     stats = ReadStats(json_file)
     orientation = OrientationCheck(json_file, source)

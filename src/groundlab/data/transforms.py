@@ -33,7 +33,7 @@ def resized_hw(h: int, w: int, size: int, max_size: Optional[int]) -> Tuple[int,
 
 
 def resize(image: torch.Tensor, target: Target, hw: Tuple[int, int]) -> Tuple[torch.Tensor, Target]:
-    """Resize to exactly hw=(h, w): bilinear (antialiased) image, nearest masks, scaled boxes."""
+    """Resize to exactly hw=(h, w): bilinear (antialiased) image, nearest(-exact) masks, scaled boxes."""
     h0, w0 = image.shape[-2:]
     h, w = hw
     if (h, w) == (h0, w0):
@@ -44,7 +44,10 @@ def resize(image: torch.Tensor, target: Target, hw: Tuple[int, int]) -> Tuple[to
         scale = torch.tensor([w / w0, h / h0, w / w0, h / h0], dtype=target["boxes"].dtype)
         target["boxes"] = target["boxes"] * scale
     if "masks" in target and target["masks"].numel():
-        target["masks"] = F.interpolate(target["masks"][None].float(), size=(h, w), mode="nearest")[0] > 0.5
+        # "nearest-exact" samples at pixel centres, as the image's resize and the box scaling do; legacy "nearest"
+        # (floor(i * in / out)) shifts masks right/down by up to half an output pixel per resize (about 0.5 px on
+        # average, up to ~3 px after the training transform's two resizes; tests/test_mgd_data.py)
+        target["masks"] = F.interpolate(target["masks"][None].float(), size=(h, w), mode="nearest-exact")[0] > 0.5
     elif "masks" in target:
         target["masks"] = target["masks"].new_zeros((0, h, w))
     return image, target

@@ -1,4 +1,4 @@
-"""Build Grounding DINO from config, or from any checkpoint (groundlab, HF, IDEA) with the structure the
+"""Build Grounding DINO from config, or from any checkpoint (groundlab, HF, IDEA, TAO) with the structure the
 checkpoint implies, so evaluate/inference/export never ask the user to repeat model settings."""
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def phrase_delimiters(model_cfg: DictConfig) -> List[int]:
 
 def build_gdino(model_cfg: DictConfig, checkpoint: Optional[str] = None) -> BuiltModel:
     """The model of `model_cfg` with random weights, or of `checkpoint`:
-    groundlab .pth -> its stored config; HF directory -> its config.json; IDEA .pth -> `model_cfg`."""
+    groundlab .pth -> its stored config; HF directory -> its config.json; IDEA or TAO .pth -> `model_cfg`."""
     if checkpoint is None:
         return BuiltModel(network(model_cfg), model_cfg, None, None)
     path = os.path.expanduser(checkpoint)

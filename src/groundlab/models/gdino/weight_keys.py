@@ -1,4 +1,4 @@
-"""State-dict key conversions between Grounding DINO weight layouts: IDEA-Research's, transformers', ours.
+"""State-dict key conversions between Grounding DINO weight layouts: IDEA-Research's, transformers', TAO's, ours.
 
 Pure dict[str, Tensor] -> dict[str, Tensor] transformations; nothing here builds a model. The generic key
 machinery lives in groundlab.models.common.key_templates, the Swin backbone conversions (and the Swin facts
@@ -16,6 +16,14 @@ Layouts
   SwinBackbone / ResNetBackbone at `backbone.body.` with transformers' own names (of the installed
   transformers, 5.x: `swin.embeddings.*`, `swin.encoder.layers.i.blocks.j.attention.{q,k,v,o}_proj`, ...).
 * **HF** (`transformers.GroundingDinoForObjectDetection.state_dict()`): `model.*` + top-level `bbox_embed.*`.
+* **TAO** (NVIDIA TAO Toolkit `grounding_dino` / `mask_grounding_dino` Lightning checkpoints): the weights under
+  `"state_dict"`, every key prefixed `model.model.` (the Lightning module's `model` is a wrapper whose `model` is
+  the GroundingDINO / MaskGroundingDINO); the top level may say `"tao_model": "grounding_dino"` or
+  `"mask_grounding_dino"`. Names are IDEA's, except the Swin backbone at `backbone.0.body.` (TAO's
+  `BackboneBase` keeps the Swin as `.body`, inside the Joiner at index 0), itself with IDEA's Swin names.
+* **Mask head** (Mask Grounding DINO, TAO's `MaskGroundingDINO`): `controller.layers.{0,1,2}` (the MLP that
+  predicts the dynamic mask-head parameters) and `mask_head.{lay1,lay2,lay3,lay4,jia_dcn}` (MaskHeadConv),
+  the same names in every layout and in our MaskGroundingDINO; see MASK_HEAD_PREFIXES.
 
 Facts this module relies on, with where they were checked
 ---------------------------------------------------------
@@ -48,6 +56,17 @@ transformers `models/grounding_dino/convert_grounding_dino_to_hf.py` (its `creat
 is one of its pairs, with IDEA's `norm{k}` -> `hidden_states_norms.stage{k+1}`, in_proj split into
 query/key/value in that order, `transformer.tgt_embed` -> `model.query_position_embeddings`,
 `transformer.decoder.bbox_embed` -> `model.decoder.bbox_embed`, top-level `bbox_embed` unchanged.
+NVIDIA/tao_pytorch_backend `nvidia_tao_pytorch/cv/`:
+  * `grounding_dino/model/pl_gdino_model.py` / `mask_grounding_dino/model/pl_gdino_model.py`: `self.model` is the
+    `*GDINOModel` wrapper (`build_nn_model.py`) whose `.model` is the detector; `on_save_checkpoint` writes
+    `checkpoint["tao_model"]`.
+  * `grounding_dino/model/backbone.py`: `BackboneBase.body` is the Swin (`backbone_v2/swin.py`: `patch_embed`,
+    `layers.i.blocks.j.attn.qkv`, `layers.i.downsample`, `norm{i}` per output, as IDEA's).
+  * `mask_grounding_dino/model/mask_groundingdino.py` and `model_utils.py` (`MaskHeadConv`): `controller` (MLP, 3
+    layers) and `mask_head.{lay1, lay2, lay3, lay4, jia_dcn}` Conv2d (the FPN `adapter*` exist only with fpn dims,
+    which TAO never passes).
+  * `grounding_dino/model/groundingdino.py`: `label_enc` exists only when trained with denoising (`dn_number > 0`);
+    it is not mapped here (reported unused).
 transformers 5.23 (installed):
   * `conversion_mapping.py` renames old SwinModel keys on load and `save_pretrained` writes the *old* names
     back to disk (details in groundlab.models.common.swin_keys). Hub / saved HF Grounding DINO files
@@ -79,6 +98,9 @@ from groundlab.models.common.swin_keys import (
 IDEA_BACKBONE_PREFIX = "backbone.0."
 OURS_BACKBONE_PREFIX = "backbone.body."
 HF_BACKBONE_PREFIX = "model.backbone.conv_encoder.model."
+TAO_PREFIX = "model.model."  # Lightning module `model` -> wrapper `model` -> the detector
+TAO_BACKBONE_PREFIX = "backbone.0.body."  # after TAO_PREFIX: Joiner[0] = BackboneBase, whose `body` is the Swin
+TAO_MODELS = ("grounding_dino", "mask_grounding_dino")  # the checkpoint's "tao_model" field
 
 # Deterministic buffers recomputed by the modules that own them (Swin's, RECOMPUTED_BUFFER; BERT's ids here):
 # dropped, never reported.
@@ -93,6 +115,26 @@ OPTIONAL_KEY_PREFIXES = ("bert.pooler.", OURS_BACKBONE_PREFIX + "swin.layernorm.
 def is_optional_key(key: str) -> bool:
     """Whether `key` (ours layout) names a weight the model's outputs never depend on (OPTIONAL_KEY_PREFIXES)."""
     return key.startswith(OPTIONAL_KEY_PREFIXES)
+
+
+# Mask Grounding DINO's mask head: one name in every layout (IDEA-style, TAO, ours). A Grounding DINO checkpoint
+# lacks it (a loader initializes it anew); a plain Grounding DINO has no place for it (a loader ignores it).
+MASK_HEAD_PREFIXES = ("controller.", "mask_head.")
+_MASK_HEAD = Renames([(name, name) for name in (
+    "controller.layers.{i}.{kind}",
+    "mask_head.lay1.{kind}", "mask_head.lay2.{kind}", "mask_head.lay3.{kind}", "mask_head.lay4.{kind}",
+    "mask_head.jia_dcn.{kind}",
+)])
+
+
+def is_mask_head_key(key: str) -> bool:
+    """Whether `key` lies under the mask head (MASK_HEAD_PREFIXES), known name or not."""
+    return key.startswith(MASK_HEAD_PREFIXES)
+
+
+def is_mask_head_name(key: str) -> bool:
+    """Whether `key` is one of the mask head's known parameter names (the _MASK_HEAD table)."""
+    return _MASK_HEAD.right_to_left(key) is not None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -193,7 +235,8 @@ def hf_to_ours(sd: Mapping[str, Tensor], fill_tied: bool = True) -> tuple[StateD
     q/k/v Linear layers of the text-enhancer self-attention and of the decoder self-attention and text
     cross-attention are concatenated (q, k, v) into nn.MultiheadAttention's in_proj_weight / in_proj_bias.
     The backbone `model.backbone.conv_encoder.model.*` moves to `backbone.body.*` unchanged (Swin keys are
-    brought to 5.x names; relative_position_index buffers are dropped). fill_tied: add the tied
+    brought to 5.x names; relative_position_index buffers are dropped). Mask-head keys (is_mask_head_name; HF has
+    no mask head, but a converted Mask Grounding DINO may carry one) keep their names. fill_tied: add the tied
     bbox_embed copies a saved file omits (see _fill_tied_bbox_embed)."""
     sd = unwrap_checkpoint(sd)
     backbone = {k[len(HF_BACKBONE_PREFIX):]: v for k, v in sd.items() if k.startswith(HF_BACKBONE_PREFIX)}
@@ -207,7 +250,7 @@ def hf_to_ours(sd: Mapping[str, Tensor], fill_tied: bool = True) -> tuple[StateD
     for key, value in rest.items():
         if key in seen:
             continue
-        new = _HF_IDEA_RENAMES.left_to_right(key)
+        new = key if is_mask_head_name(key) else _HF_IDEA_RENAMES.left_to_right(key)
         if new is None:
             unused.append(key)
         else:
@@ -223,7 +266,7 @@ def ours_to_hf(sd: Mapping[str, Tensor]) -> tuple[StateDict, list[str]]:
     hf_to_ours: in_proj_weight / in_proj_bias are split in thirds into query/key/value. IDEA-only weights
     (bert.pooler, class_embed parameters) have no place in HF and are returned as unused."""
     hf: StateDict = {}
-    unused: list[str] = []
+    unused: list[str] = []  # HF has no mask head either: its keys land here
     for key, value in sd.items():
         if key.startswith(OURS_BACKBONE_PREFIX):
             if not RECOMPUTED_BUFFER.search(key):
@@ -246,7 +289,7 @@ def ours_to_hf(sd: Mapping[str, Tensor]) -> tuple[StateDict, list[str]]:
 
 def _is_idea_name(key: str) -> bool:
     return (_HF_IDEA_RENAMES.right_to_left(key) is not None or _HF_IDEA_FUSED.matches_right(key)
-            or _OURS_ONLY.right_to_left(key) is not None)
+            or _OURS_ONLY.right_to_left(key) is not None or is_mask_head_name(key))
 
 
 def idea_to_ours(sd: Any) -> tuple[StateDict, list[str]]:
@@ -256,7 +299,8 @@ def idea_to_ours(sd: Any) -> tuple[StateDict, list[str]]:
     `backbone.0.*` (IDEA's Swin) goes through idea_swin_to_hf to `backbone.body.*`; every other key keeps its
     name when it is a Grounding DINO name this module knows (the IDEA side of the HF conversion table), else
     it is reported unused. Recomputed buffers (relative_position_index, attn_mask, bert position_ids /
-    token_type_ids) are dropped. IDEA's `bert.pooler.*` is kept: see OPTIONAL_KEY_PREFIXES."""
+    token_type_ids) are dropped. IDEA's `bert.pooler.*` is kept: see OPTIONAL_KEY_PREFIXES. So are the mask head's
+    known names (MASK_HEAD_PREFIXES): whether the model has a place for them is the loader's question."""
     sd = unwrap_checkpoint(sd)
     swin = {k[len(IDEA_BACKBONE_PREFIX):]: v for k, v in sd.items() if k.startswith(IDEA_BACKBONE_PREFIX)}
     body, swin_unused = idea_swin_to_hf_with_unused(swin)
@@ -269,6 +313,48 @@ def idea_to_ours(sd: Any) -> tuple[StateDict, list[str]]:
             ours[key] = value
         else:
             unused.append(key)
+    return ours, unused
+
+
+def is_tao_checkpoint(obj: Any) -> bool:
+    """Whether a loaded checkpoint is TAO's: a `tao_model` field, or state-dict keys under TAO_PREFIX."""
+    if isinstance(obj, Mapping) and "tao_model" in obj:
+        return True
+    try:
+        sd = unwrap_checkpoint(obj)
+    except ValueError:
+        return False
+    return any(k.startswith(TAO_PREFIX) for k in sd)
+
+
+def tao_to_ours(obj: Any) -> tuple[StateDict, list[str]]:
+    """TAO grounding_dino / mask_grounding_dino checkpoint (the torch.load'ed Lightning dict or its state dict)
+    -> (ours, unused_keys).
+
+    `model.model.` is stripped, `backbone.0.body.` (TAO's Swin) becomes IDEA's `backbone.0.`, and the rest is
+    idea_to_ours (mask-head keys included). Unused keys are reported with their TAO names; keys outside
+    `model.model.` (no part of the detector) are unused too. ValueError when `tao_model` names another model."""
+    kind = obj.get("tao_model") if isinstance(obj, Mapping) else None
+    if kind is not None and kind not in TAO_MODELS:
+        raise ValueError(f"a TAO {kind!r} checkpoint, not one of {list(TAO_MODELS)}")
+    idea: StateDict = {}
+    unused: list[str] = []
+    for key, value in unwrap_checkpoint(obj).items():
+        if not key.startswith(TAO_PREFIX):
+            unused.append(key)
+            continue
+        name = key[len(TAO_PREFIX):]
+        if name.startswith(TAO_BACKBONE_PREFIX):
+            name = IDEA_BACKBONE_PREFIX + name[len(TAO_BACKBONE_PREFIX):]
+        elif name.startswith(IDEA_BACKBONE_PREFIX):  # beside the body: fits nowhere (kept apart from the Swin)
+            unused.append(key)
+            continue
+        idea[name] = value
+    ours, idea_unused = idea_to_ours(idea)
+    for name in idea_unused:  # back to the name the user's file holds
+        if name.startswith(IDEA_BACKBONE_PREFIX):
+            name = TAO_BACKBONE_PREFIX + name[len(IDEA_BACKBONE_PREFIX):]
+        unused.append(TAO_PREFIX + name)
     return ours, unused
 
 
@@ -288,15 +374,23 @@ def ours_to_idea(sd: Mapping[str, Tensor]) -> tuple[StateDict, list[str]]:
 __all__ = [
     "HF_BACKBONE_PREFIX",
     "IDEA_BACKBONE_PREFIX",
+    "MASK_HEAD_PREFIXES",
     "OPTIONAL_KEY_PREFIXES",
     "OURS_BACKBONE_PREFIX",
+    "TAO_BACKBONE_PREFIX",
+    "TAO_MODELS",
+    "TAO_PREFIX",
     "describe_mismatch",
     "hf_swin_to_idea",
     "hf_to_ours",
     "idea_swin_to_hf",
     "idea_to_ours",
+    "is_mask_head_key",
+    "is_mask_head_name",
     "is_optional_key",
+    "is_tao_checkpoint",
     "ours_to_hf",
     "ours_to_idea",
+    "tao_to_ours",
     "unwrap_checkpoint",
 ]

@@ -3,10 +3,14 @@
 - groundlab checkpoints (`.pth` written by save_checkpoint: weights + structural config + label map);
 - Hugging Face transformers (`IDEA-Research/grounding-dino-tiny/base` layout): a directory with
   config.json and model.safetensors / pytorch_model.bin, or one such weights file;
-- official IDEA-Research checkpoints (`groundingdino_swint_ogc.pth` layout: {"model": {...}}).
+- official IDEA-Research checkpoints (`groundingdino_swint_ogc.pth` layout: {"model": {...}});
+- NVIDIA TAO grounding_dino / mask_grounding_dino Lightning checkpoints ({"state_dict": {"model.model.*"}}).
 
 Keys that do not fit are reported by name (grouped by prefix) and fail the load; only weights that never
 affect outputs (BERT's pooler, the Swin top layernorm that SwinBackbone does not use) may be absent/extra.
+The mask head (`controller.*`, `mask_head.*`) is the one other exception, so that one checkpoint serves both
+models: a Grounding DINO checkpoint loaded into a Mask Grounding DINO leaves the mask head as initialized
+(LoadReport.new), and a Mask Grounding DINO checkpoint loaded into a Grounding DINO drops it (LoadReport.ignored).
 """
 
 from __future__ import annotations
@@ -32,13 +36,31 @@ class WeightLoadError(UserError, ValueError):
 
 @dataclass
 class LoadReport:
-    source: str  # "groundlab" | "hf" | "idea" | "state_dict"
+    """What a load did beyond the strict match. ignored: optional keys absent or extra (never used by outputs),
+    and mask-head keys of the checkpoint that a model without a mask head has no place for. new: the model's
+    mask-head keys that the checkpoint lacked entirely, left as initialized."""
+
+    source: str  # "groundlab" | "hf" | "idea" | "tao" | "state_dict"
     path: str
-    ignored: List[str] = field(default_factory=list)  # optional keys absent or extra (never used by outputs)
+    ignored: List[str] = field(default_factory=list)
+    new: List[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        extra = f", {len(self.ignored)} unused optional keys ({W.describe_mismatch([], [], self.ignored)})" if self.ignored else ""
-        return f"loaded {self.source} weights from {self.path}{extra}"
+        parts = [f"loaded {self.source} weights from {self.path}"]
+        if self.new:
+            parts.append(f"{len(self.new)} mask-head weights newly initialized ({_modules(self.new)})")
+        head = [k for k in self.ignored if W.is_mask_head_key(k)]
+        if head:
+            parts.append(f"{len(head)} mask-head weights ignored ({_modules(head)}: the model has no mask head)")
+        optional = [k for k in self.ignored if not W.is_mask_head_key(k)]
+        if optional:
+            parts.append(f"{len(optional)} unused optional keys ({W.describe_mismatch([], [], optional)})")
+        return ", ".join(parts)
+
+
+def _modules(keys: List[str]) -> str:
+    """'controller, mask_head': the top-level modules of `keys`, sorted."""
+    return ", ".join(sorted({k.split(".", 1)[0] for k in keys}))
 
 
 def _read_state(path: str) -> Any:
@@ -60,15 +82,17 @@ def hf_weights_file(path: str) -> Optional[str]:
 
 
 def detect_layout(obj: Any) -> str:
-    """"groundlab", "hf" or "idea" for a loaded checkpoint object."""
+    """"groundlab", "tao", "hf" or "idea" for a loaded checkpoint object."""
     if is_groundlab_checkpoint(obj):
         return "groundlab"
+    if W.is_tao_checkpoint(obj):
+        return "tao"
     sd = W.unwrap_checkpoint(obj)
     if any(k.startswith(("model.text_backbone.", "model.backbone.conv_encoder.")) for k in sd):
         return "hf"
     if any(k.startswith(("backbone.0.", "transformer.")) for k in sd):
         return "idea"
-    raise WeightLoadError("unrecognised checkpoint layout: neither groundlab, Hugging Face nor IDEA-Research keys")
+    raise WeightLoadError("unrecognised checkpoint layout: neither groundlab, Hugging Face, IDEA-Research nor TAO keys")
 
 
 def checkpoint_state(obj: Dict[str, Any]) -> Dict[str, torch.Tensor]:
@@ -88,6 +112,11 @@ def read_weights(path: str) -> Tuple[Dict[str, torch.Tensor], str, List[str]]:
         return checkpoint_state(obj), layout, []
     if layout == "hf":
         sd, unused = W.hf_to_ours(W.unwrap_checkpoint(obj))
+    elif layout == "tao":
+        try:
+            sd, unused = W.tao_to_ours(obj)
+        except ValueError as err:  # "tao_model" names another TAO model
+            raise WeightLoadError(f"{path}: {err}") from None
     else:
         sd, unused = W.idea_to_ours(obj)
     return sd, layout, unused
@@ -95,25 +124,37 @@ def read_weights(path: str) -> Tuple[Dict[str, torch.Tensor], str, List[str]]:
 
 def load_state(model: nn.Module, state: Dict[str, torch.Tensor], path: str, source: str,
                unplaced: List[str] = ()) -> LoadReport:
-    """Strict load; mismatches other than optional keys raise WeightLoadError naming them.
-    `unplaced`: checkpoint keys the layout conversion could not name (reported as unexpected)."""
+    """Strict load; mismatches other than optional keys and a whole mask head raise WeightLoadError naming them.
+    `unplaced`: checkpoint keys the layout conversion could not name (reported as unexpected).
+
+    Mask head (W.MASK_HEAD_PREFIXES): a checkpoint with none of it, loaded into a model with one, leaves the
+    model's initialized mask head in place (LoadReport.new); its mask-head keys, loaded into a model with none,
+    are dropped (LoadReport.ignored). A checkpoint with part of the model's mask head stays an error: that is a
+    different mask head, not a missing one."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own] + list(unplaced)
     shape = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
              for k in own if k in state and state[k].shape != own[k].shape]
-    hard_missing = [k for k in missing if not W.is_optional_key(k)]
-    hard_unexpected = [k for k in unexpected if not W.is_optional_key(k)]
+    model_head = any(W.is_mask_head_key(k) for k in own)
+    state_head = any(W.is_mask_head_key(k) for k in state)
+    new = [k for k in missing if W.is_mask_head_key(k)] if model_head and not state_head else []
+    # `unplaced` keys stay hard: the conversion could not name them, mask head or not
+    dropped_head = [k for k in state if k not in own and W.is_mask_head_key(k)] if not model_head else []
+    lenient = set(new) | set(dropped_head)
+    hard_missing = [k for k in missing if not W.is_optional_key(k) and k not in lenient]
+    hard_unexpected = [k for k in unexpected if not W.is_optional_key(k) and k not in lenient]
     if hard_missing or hard_unexpected or shape:
         lines = [W.describe_mismatch(hard_missing, hard_unexpected)] + shape[:20]
         raise WeightLoadError(f"{path}: {source} weights do not fit the model (check the model config):\n"
                               + "\n".join(line for line in lines if line))
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
-    return LoadReport(source, path, sorted(set(missing) | set(unexpected)))
+    ignored = (set(missing) | set(unexpected)) - set(new)
+    return LoadReport(source, path, sorted(ignored), sorted(new))
 
 
 def load_weights(model: nn.Module, path: str) -> LoadReport:
-    """Load a groundlab, HF or IDEA checkpoint into `model` (see module doc)."""
+    """Load a groundlab, HF, IDEA or TAO checkpoint into `model` (see module doc)."""
     state, layout, unplaced = read_weights(path)
     return load_state(model, state, path, layout, unplaced)
 
