@@ -194,7 +194,7 @@ def test_build_criterion_reads_config():
 
     cfg = OmegaConf.merge(OmegaConf.structured(GDinoModelConfig),
                           {"aux_loss": False, "interm_loss_coef": 0.5, "set_cost_bbox": 3.0,
-                           "loss_types": ["labels", "boxes", "masks"]})
+                           "loss_types": ["labels", "boxes"]})
     crit = build_criterion(cfg)
     assert crit.weight_dict == {"loss_ce": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0,
                                 "loss_ce_dn": 2.0, "loss_bbox_dn": 5.0, "loss_giou_dn": 2.0}  # denoising weighs the same
@@ -202,6 +202,22 @@ def test_build_criterion_reads_config():
     gen = torch.Generator().manual_seed(5)
     losses = crit(random_outputs(gen, 1, 4, token_mask(1, 8), n_aux=2), make_targets(gen, [1], 8))
     assert not any(k.endswith(("_0", "_1")) for k in losses) and "loss_ce_interm" in losses
+    with pytest.raises(ValueError, match="unknown losses \\['masks'\\]"):  # the mask loss is mask_gdino's
+        build_criterion(OmegaConf.merge(cfg, {"loss_types": ["labels", "masks"]}))
+
+
+def test_mask_model_config_gets_the_mask_criterion():
+    from omegaconf import OmegaConf
+
+    from groundlab.config.schema_model import GDinoModelConfig
+    from groundlab.models.gdino.build import criterion_for
+
+    cfg = OmegaConf.merge(OmegaConf.structured(GDinoModelConfig),
+                          {"name": "mask_gdino", "has_mask": True, "loss_types": ["labels", "boxes", "masks"],
+                           "mask_loss_coef": 3.0, "dice_loss_coef": 4.0})
+    crit = criterion_for(cfg)
+    assert type(crit).__name__ == "MaskSetCriterion" and "masks" in crit.losses
+    assert crit.weight_dict["loss_mask"] == 3.0 and crit.weight_dict["loss_dice"] == 4.0
 
 
 def test_optimizing_free_parameters_converges():
