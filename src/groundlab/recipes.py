@@ -22,7 +22,7 @@ RECIPES: Dict[Tuple[str, str], str] = {
     ("gdino", "evaluate"): "groundlab.actions.evaluate:run",
     ("gdino", "inference"): "groundlab.actions.inference:run",
     ("gdino", "visualize"): "groundlab.actions.visualize:run",
-    # Mask Grounding DINO trains, evaluates and infers as Grounding DINO until its mask head lands (issue 11)
+    # Mask Grounding DINO shares the Grounding DINO recipes: its network, losses and predictor outputs carry the masks
     ("mask_gdino", "train"): "groundlab.actions.train:train_gdino",
     ("mask_gdino", "evaluate"): "groundlab.actions.evaluate:run",
     ("mask_gdino", "inference"): "groundlab.actions.inference:run",
