@@ -41,6 +41,7 @@ def paste_query_masks(outputs: Sequence[Dict[str, Any]], image: int, chunks: tor
             h4, w4 = logits.shape[-2:]
             logits = F.interpolate(logits, size=(h4 * MASK_OUT_STRIDE, w4 * MASK_OUT_STRIDE), mode="bilinear",
                                    align_corners=False)[:, :, :in_h, :in_w]
-            logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
+            if (in_h, in_w) != (H, W):  # the original was resized for the network
+                logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
             masks[group.to(masks.device)] = (logits[:, 0] > cut).to(masks.device)
     return masks
