@@ -310,12 +310,13 @@ def test_idea_checkpoint_to_ours_and_back(hf_sd):
     ckpt["model"]["module.bert.embeddings.position_ids"] = torch.arange(512)[None]  # recomputed: dropped
     ckpt["model"]["module.backbone.0.layers.0.blocks.0.attn.relative_position_index"] = torch.zeros(49, 49)
     ckpt["model"]["module.bert.pooler.dense.weight"] = torch.zeros(32, 32)  # IDEA's frozen pooler: kept
-    ckpt["model"]["module.label_enc.weight"] = torch.zeros(3)  # fits nowhere
-    ckpt["model"]["module.backbone.0.body.layer1.0.conv1.weight"] = torch.zeros(3)  # torchvision ResNet
+    ckpt["model"]["module.label_enc.weight"] = torch.zeros(3)  # denoising (training only): kept, optional
+    ckpt["model"]["module.backbone.0.body.layer1.0.conv1.weight"] = torch.zeros(3)  # torchvision ResNet: fits nowhere
     back, unused = W.idea_to_ours(ckpt)
-    assert sorted(unused) == ["backbone.0.body.layer1.0.conv1.weight", "label_enc.weight"]
+    assert sorted(unused) == ["backbone.0.body.layer1.0.conv1.weight"]
     assert W.is_optional_key("bert.pooler.dense.weight") and W.is_optional_key("backbone.body.swin.layernorm.weight")
-    del back["bert.pooler.dense.weight"]
+    assert W.is_optional_key("label_enc.weight")
+    del back["bert.pooler.dense.weight"], back["label_enc.weight"]
     _same(back, ours)
 
 

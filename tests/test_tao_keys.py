@@ -183,3 +183,31 @@ def test_partial_mask_head_and_other_missing_keys_stay_errors(tiny):
     wrong = {**tiny.state_dict(), **head, "mask_head.lay1.weight": torch.zeros(4, 8, 3, 3)}
     with pytest.raises(WeightLoadError, match=r"mask_head\.lay1\.weight: checkpoint \(4, 8, 3, 3\)"):
         load_state(model, wrong, "wrong.pth", "groundlab")
+
+
+def test_denoising_embedding_of_a_tao_checkpoint_is_optional(tiny, tmp_path):
+    """TAO trained with denoising stores `label_enc` (max_text_len + 1 rows): a model without denoising loads the
+    rest and ignores it."""
+
+    label_enc = torch.randn(257, 32)
+    state = {**_tao_state(tiny.state_dict()), "model.model.label_enc.weight": label_enc}
+    path = str(tmp_path / "tao_dn.pth")
+    torch.save({"state_dict": state, "tao_model": "grounding_dino"}, path)
+    plain = _fresh(tiny)
+    report = load_weights(plain, path)
+    assert "label_enc.weight" in report.ignored
+    _assert_same_weights(plain, tiny)
+    assert report.ignored == ["label_enc.weight"]
+
+
+def test_denoising_model_takes_the_tao_denoising_embedding(compose, tmp_path, tiny):
+    """A denoising model of TAO's size (model.dn_labelbook_size=256) takes TAO's label_enc."""
+    from groundlab.models.gdino.build import build_gdino
+
+    dn = build_gdino(compose(TINY_GDINO + ["model.dn_number=4", "model.dn_labelbook_size=256"]).model).model
+    state = _tao_state({k: v for k, v in dn.state_dict().items() if k != "label_enc.weight"})
+    state["model.model.label_enc.weight"] = torch.randn(257, 32)
+    path = str(tmp_path / "tao_dn.pth")
+    torch.save({"state_dict": state}, path)
+    load_weights(dn, path)
+    assert torch.equal(dn.label_enc.weight, state["model.model.label_enc.weight"])

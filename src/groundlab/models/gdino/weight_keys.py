@@ -65,8 +65,9 @@ NVIDIA/tao_pytorch_backend `nvidia_tao_pytorch/cv/`:
   * `mask_grounding_dino/model/mask_groundingdino.py` and `model_utils.py` (`MaskHeadConv`): `controller` (MLP, 3
     layers) and `mask_head.{lay1, lay2, lay3, lay4, jia_dcn}` Conv2d (the FPN `adapter*` exist only with fpn dims,
     which TAO never passes).
-  * `grounding_dino/model/groundingdino.py`: `label_enc` exists only when trained with denoising (`dn_number > 0`);
-    it is not mapped here (reported unused).
+  * `grounding_dino/model/groundingdino.py`: `label_enc` (nn.Embedding(dn_labelbook_size + 1, d), TAO's
+    build_nn_model passing dn_labelbook_size = max_text_len) exists only when trained with denoising
+    (`dn_number > 0`); it keeps its name (ours too) and is optional (OPTIONAL_KEY_PREFIXES).
 transformers 5.23 (installed):
   * `conversion_mapping.py` renames old SwinModel keys on load and `save_pretrained` writes the *old* names
     back to disk (details in groundlab.models.common.swin_keys). Hub / saved HF Grounding DINO files
@@ -109,7 +110,9 @@ _IDEA_RECOMPUTED_KEYS = frozenset({"bert.embeddings.position_ids", "bert.embeddi
 # Weights that our model may lack without any effect on its outputs: IDEA's BERT pooler (frozen, its output
 # unused; our BertModel has no pooler) and SwinBackbone's final `swin.layernorm` (SwinBackbone.forward never
 # applies it; absent from IDEA checkpoints). A loader may tolerate these as unused/missing; see is_optional_key.
-OPTIONAL_KEY_PREFIXES = ("bert.pooler.", OURS_BACKBONE_PREFIX + "swin.layernorm.")
+# label_enc: the denoising queries' phrase embedding, used in training only (dn_number > 0); a checkpoint trained
+# with denoising loads into a model without it, and one without it leaves a denoising model's table as initialized
+OPTIONAL_KEY_PREFIXES = ("bert.pooler.", OURS_BACKBONE_PREFIX + "swin.layernorm.", "label_enc.")
 
 
 def is_optional_key(key: str) -> bool:
@@ -289,7 +292,7 @@ def ours_to_hf(sd: Mapping[str, Tensor]) -> tuple[StateDict, list[str]]:
 
 def _is_idea_name(key: str) -> bool:
     return (_HF_IDEA_RENAMES.right_to_left(key) is not None or _HF_IDEA_FUSED.matches_right(key)
-            or _OURS_ONLY.right_to_left(key) is not None or is_mask_head_name(key))
+            or _OURS_ONLY.right_to_left(key) is not None or is_mask_head_name(key) or key == "label_enc.weight")
 
 
 def idea_to_ours(sd: Any) -> tuple[StateDict, list[str]]:
