@@ -77,6 +77,8 @@ class DatasetConfig:
     val_data_sources: DataSource = field(default_factory=DataSource)
     test_data_sources: DataSource = field(default_factory=DataSource)
     infer_data_sources: InferDataSources = field(default_factory=InferDataSources)
+    # images that calibrate action=quantize (TAO's key); dataset=synthetic calibrates on its training images
+    quant_calibration_data_sources: DataSource = field(default_factory=DataSource)
     max_labels: int = 80
     batch_size: int = 4
     workers: int = 8

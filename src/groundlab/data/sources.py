@@ -45,20 +45,21 @@ def open_images(path: str, key: str, cache_dir: Optional[str]) -> ImageSource:
 
 
 def resolve_sources(dataset: DictConfig, cache_dir: str) -> Dict[str, Any]:
-    """{"train": [source dicts], "val": source dict or None, "test": ...} with keys image_dir,
+    """{"train": [source dicts], "val": source dict or None, "test": ..., "quant_calibration": ...} with keys image_dir,
     json_file, label_map. For dataset.type=synthetic they point into the generated dataset."""
     if dataset.type == "synthetic":
         p = synthetic_paths(dataset, cache_dir)
         val = {"image_dir": p.val_images, "json_file": p.val_coco, "label_map": None}
-        return {"train": [{"image_dir": p.train_images, "json_file": p.train_odvg, "label_map": p.label_map}],
-                "val": val, "test": val}
+        train = {"image_dir": p.train_images, "json_file": p.train_odvg, "label_map": p.label_map}
+        return {"train": [train], "val": val, "test": val, "quant_calibration": train}
     container = OmegaConf.to_container(dataset, resolve=True)
 
     def given(source):
         return source if source and source.get("json_file") else None
 
     return {"train": list(container.get("train_data_sources") or []),
-            "val": given(container.get("val_data_sources")), "test": given(container.get("test_data_sources"))}
+            "val": given(container.get("val_data_sources")), "test": given(container.get("test_data_sources")),
+            "quant_calibration": given(container.get("quant_calibration_data_sources"))}
 
 
 def load_source(source: Dict[str, Any], key: str, cache_dir: str, skip_missing: bool = False,
@@ -79,7 +80,8 @@ def load_source(source: Dict[str, Any], key: str, cache_dir: str, skip_missing: 
 
 
 def load_split(dataset: DictConfig, cache_dir: str, split: str, use_masks: bool = True) -> List[AnnotatedSource]:
-    """Annotated sources of split "train", "val" or "test" (an empty list if the split has none)."""
+    """Annotated sources of split "train", "val", "test" or "quant_calibration" (an empty list if the split has
+    none)."""
     resolved = resolve_sources(dataset, cache_dir)[split]
     if resolved is None:
         return []

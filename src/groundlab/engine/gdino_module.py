@@ -1,5 +1,6 @@
-"""Grounding DINO's training steps on the shared engine: loss, AdamW groups + per-step schedule, and validation
-through the predictor (every class prompted once per validation, the backbone once per image), COCO mAP."""
+"""Grounding DINO's (and Mask Grounding DINO's) training steps on the shared engine: loss, AdamW groups + per-step
+schedule, and validation through the predictor (every class prompted once per validation, the backbone once per
+image), COCO bbox mAP, and segm mAP for a model with a mask head."""
 
 from __future__ import annotations
 

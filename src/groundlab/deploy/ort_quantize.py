@@ -1,0 +1,115 @@
+"""ONNX Runtime post-training INT8 quantization of an exported Grounding DINO graph (CPU).
+
+Static PTQ (quantize.mode=static_ptq): activation ranges are calibrated on real inputs (the calibration images
+at the graph's fixed size, with the class prompts they would be run with), then MatMul / Conv / Gemm nodes get
+QuantizeLinear / DequantizeLinear pairs (QDQ format: uint8 activations, int8 per-channel weights), which ONNX
+Runtime's CPU provider fuses into integer kernels and TensorRT reads as an INT8 graph. Weight-only PTQ
+(quantize.mode=weight_only_ptq) is ONNX Runtime's dynamic quantization: int8 weights, activation ranges
+computed per call, no calibration.
+
+Nodes whose names match a `quantize.skip_names` glob stay float: by default the text encoder and the heads
+(contrastive logits, boxes, mask head), where a rounding error moves a score or a box edge directly.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence
+
+import numpy as np
+import onnx
+
+QUANTIZED_OPS = ("MatMul", "Conv", "Gemm")
+ALGORITHMS = {"minmax": "MinMax", "max": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+
+Feed = Dict[str, np.ndarray]
+
+
+@dataclass
+class QuantReport:
+    path: str
+    quantized: int  # nodes of QUANTIZED_OPS that got QDQ pairs (static) or int8 weights (dynamic)
+    excluded: List[str]  # nodes of those types left float by skip_names
+    calibration_batches: int
+    seconds: float
+
+    def summary(self) -> str:
+        return (f"quantized {self.quantized} MatMul/Conv/Gemm nodes to int8 ({len(self.excluded)} left float by "
+                f"quantize.skip_names), {self.calibration_batches} calibration batches, {self.seconds:.1f} s: "
+                f"{self.path}")
+
+
+def excluded_nodes(model: onnx.ModelProto, skip_names: Sequence[str]) -> List[str]:
+    """Names of the quantizable nodes that a skip_names glob matches (matched against the node name, which the
+    exporter derives from the module path, e.g. `/model/transformer/decoder/layers.0/linear1/MatMul`)."""
+    out = []
+    for node in model.graph.node:
+        if node.op_type in QUANTIZED_OPS and any(fnmatch.fnmatchcase(node.name, g) for g in skip_names):
+            out.append(node.name)
+    return out
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader protocol over an iterable of feeds."""
+
+    def __init__(self, feeds: Iterable[Feed]):
+        self._feeds: Iterator[Feed] = iter(feeds)
+        self.count = 0
+
+    def get_next(self) -> Optional[Feed]:
+        feed = next(self._feeds, None)
+        self.count += feed is not None
+        return feed
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Feed:
+        feed = self.get_next()
+        if feed is None:
+            raise StopIteration
+        return feed
+
+
+@contextmanager
+def _quiet():
+    """onnxruntime.quantization logs advice through the root logger (bias not constant, pre-processing): not for
+    the user's console."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def quantize_onnx(float_path: str, out_path: str, feeds: Iterable[Feed], skip_names: Sequence[str],
+                  mode: str = "static_ptq", algorithm: str = "minmax") -> QuantReport:
+    """Write the int8 graph of `float_path` to `out_path`. feeds: calibration inputs by input name (static PTQ;
+    ignored for weight-only). Raises ValueError for an unknown mode / algorithm or no calibration batch."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    model = onnx.load(float_path, load_external_data=False)
+    excluded = excluded_nodes(model, skip_names)
+    candidates = sum(node.op_type in QUANTIZED_OPS for node in model.graph.node)
+    start = time.perf_counter()
+    reader = _Reader(feeds)
+    with _quiet():
+        if mode == "static_ptq":
+            if algorithm not in ALGORITHMS:
+                raise ValueError(f"quantize.algorithm={algorithm!r} is not one of {sorted(ALGORITHMS)}")
+            quantize_static(float_path, out_path, reader, quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=list(QUANTIZED_OPS), per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            nodes_to_exclude=excluded, calibrate_method=getattr(CalibrationMethod, ALGORITHMS[algorithm]))
+            if reader.count == 0:
+                raise ValueError("no calibration batch: dataset.quant_calibration_data_sources holds no image")
+        elif mode == "weight_only_ptq":
+            quantize_dynamic(float_path, out_path, op_types_to_quantize=list(QUANTIZED_OPS), per_channel=True,
+                             weight_type=QuantType.QInt8, nodes_to_exclude=excluded)
+        else:
+            raise ValueError(f"quantize.mode={mode!r} is not static_ptq or weight_only_ptq")
+    return QuantReport(out_path, candidates - len(excluded), excluded, reader.count, time.perf_counter() - start)
