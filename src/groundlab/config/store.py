@@ -15,6 +15,7 @@ from omegaconf import MISSING
 from groundlab.config import schema_action as act
 from groundlab.config import schema_dataset as ds
 from groundlab.config import schema_model as mdl
+from groundlab.config import schema_trt as trt
 
 
 @dataclass
@@ -27,6 +28,7 @@ class RootConfig:
     train: Any = MISSING
     evaluate: Any = MISSING
     inference: Any = MISSING
+    gen_trt_engine: Any = None  # TensorRT engine building (gdino, mask_gdino); absent for mal
     seed: int = 42
     run_name: str = "default"  # the run dir is outputs/<model>/<action>/<run_name>: a rerun resumes there
     results_dir: str = "outputs"
@@ -49,6 +51,7 @@ SCHEMAS = [
     ("evaluate", "schema_mal", act.MALEvaluateConfig),
     ("inference", "schema_gdino", act.GDinoInferenceConfig),
     ("inference", "schema_mal", act.MALInferenceConfig),
+    ("gen_trt_engine", "schema_gen_trt_engine", trt.GenTrtEngineConfig),
 ]
 
 
