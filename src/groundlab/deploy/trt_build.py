@@ -93,6 +93,9 @@ def build_engine(model, onnx_path: str, engine_path: str, shapes: Dict[str, Tupl
         raise DataError(f"TensorRT's ONNX parser refused it: {errors}", onnx_path)
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mib) << 20)
+    # TensorRT allows TF32 by default, which rounds FP32 matmul inputs to FP16's 10-bit mantissa: an FP32 engine
+    # and the layers an FP16 graph keeps in FP32 are meant to be FP32
+    config.clear_flag(trt.BuilderFlag.TF32)
     dynamic = {network.get_input(i).name for i in range(network.num_inputs)
                if any(d < 0 for d in network.get_input(i).shape)}
     if dynamic:  # a fixed-batch file has no dynamic input, and TensorRT wants no profile then
