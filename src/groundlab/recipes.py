@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from groundlab.config import ConfigError
 
 MODELS = ("gdino", "mask_gdino", "mal")
-ACTIONS = ("train", "evaluate", "inference", "visualize", "export", "quantize", "trt")
+ACTIONS = ("train", "evaluate", "inference", "visualize", "export", "quantize", "gen_trt_engine")
 
 RECIPES: Dict[Tuple[str, str], str] = {
     ("gdino", "train"): "groundlab.actions.train:train_gdino",
@@ -27,6 +27,9 @@ RECIPES: Dict[Tuple[str, str], str] = {
     ("mask_gdino", "evaluate"): "groundlab.actions.evaluate:run",
     ("mask_gdino", "inference"): "groundlab.actions.inference:run",
     ("mask_gdino", "visualize"): "groundlab.actions.visualize:run",
+    # TensorRT engines from an ONNX file: TAO's action name; conf/action/trt.yaml makes action=trt the same action
+    ("gdino", "gen_trt_engine"): "groundlab.actions.gen_trt_engine:run",
+    ("mask_gdino", "gen_trt_engine"): "groundlab.actions.gen_trt_engine:run",
     ("mal", "train"): "groundlab.actions.train:train_mal",
     ("mal", "evaluate"): "groundlab.actions.mal_evaluate:run",
     ("mal", "inference"): "groundlab.actions.mal_inference:run",
@@ -40,7 +43,7 @@ ACTION_HELP = {
     "visualize": "draw a dataset's ground truth as the data pipeline delivers it",
     "export": "ONNX export (planned)",
     "quantize": "INT8 / FP8 quantization (planned)",
-    "trt": "TensorRT engine build (planned)",
+    "gen_trt_engine": "TensorRT engine from an ONNX file, FP32/FP16/FP8/INT8 (action=trt is the same)",
 }
 
 
@@ -63,9 +66,10 @@ def get_recipe(cfg: DictConfig) -> Callable[[DictConfig], Dict[str, float]]:
 def matrix() -> str:
     """The model x action table for --help: `x` where a recipe exists, `-` where none does."""
     width = max(len(m) for m in MODELS) + 2
-    head = " " * width + "  ".join(f"{a:<9}" for a in ACTIONS)
-    rows = [f"{m:<{width}}" + "  ".join(f"{'x' if (m, a) in RECIPES else '-':<9}" for a in ACTIONS)
+    cols = [max(9, len(a)) for a in ACTIONS]
+    head = " " * width + "  ".join(f"{a:<{c}}" for a, c in zip(ACTIONS, cols))
+    rows = [f"{m:<{width}}" + "  ".join(f"{'x' if (m, a) in RECIPES else '-':<{c}}" for a, c in zip(ACTIONS, cols))
             for m in MODELS]
     lines = [head.rstrip()] + [r.rstrip() for r in rows] + [""]
-    lines += [f"{a + ':':<11}{ACTION_HELP[a]}" for a in ACTIONS]
+    lines += [f"{a + ':':<16}{ACTION_HELP[a]}" for a in ACTIONS]
     return "\n".join(lines)

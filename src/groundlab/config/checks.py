@@ -12,6 +12,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from groundlab.config.aliases import resolve_aliases
 from groundlab.config.schema_dataset import DATASET_TYPES, MAL_DATASET_TYPES
 from groundlab.config.schema_model import MODEL_NAMES
+from groundlab.config.schema_trt import DATA_TYPES
 from groundlab.errors import UserError
 
 
@@ -150,6 +151,12 @@ RULES: List[Tuple[str, Rule]] = [
     ("inference.draw_images", at_least(-1)),
     ("inference.num_gpus", at_least(0)),
     ("inference.gpu_ids", each(at_least(0))),
+    # gen_trt_engine (TensorRT engine building)
+    ("gen_trt_engine.tensorrt.data_type", one_of(*DATA_TYPES, any_case=True)),
+    ("gen_trt_engine.tensorrt.workspace_size", at_least(1)),
+    ("gen_trt_engine.tensorrt.min_batch_size", at_least(1)),
+    ("gen_trt_engine.tensorrt.opt_batch_size", at_least(1)),
+    ("gen_trt_engine.tensorrt.max_batch_size", at_least(1)),
     # action=visualize
     ("action.split", one_of("train", "val", "test")),
     ("action.num_images", at_least(0)),
@@ -302,6 +309,17 @@ def _check_infer_sources(src: DictConfig, errors: List[str]) -> None:
                       f"image, json_file a caption per image; choose one.")
 
 
+def _check_gen_trt_engine(cfg: DictConfig, errors: List[str]) -> None:
+    """The optimization profile's batch range is ordered (TensorRT rejects min > opt or opt > max at build time,
+    after the ONNX file has been parsed; said here at start-up instead)."""
+    t = OmegaConf.select(cfg, "gen_trt_engine.tensorrt", default=None)
+    if t is None:
+        return
+    if not t.min_batch_size <= t.opt_batch_size <= t.max_batch_size:
+        errors.append(f"gen_trt_engine.tensorrt.min_batch_size={t.min_batch_size}, opt_batch_size={t.opt_batch_size} "
+                      f"and max_batch_size={t.max_batch_size} must be ordered min <= opt <= max.")
+
+
 def _check_synthetic(cfg: DictConfig, errors: List[str]) -> None:
     if not cfg.dataset.type.endswith("synthetic"):
         return
@@ -313,7 +331,8 @@ def _check_synthetic(cfg: DictConfig, errors: List[str]) -> None:
 
 
 CHECKS: List[Callable[[DictConfig, List[str]], None]] = [
-    resolve_aliases, _check_rules, _check_model, _check_mal_train, _check_dataset, _check_synthetic]
+    resolve_aliases, _check_rules, _check_model, _check_mal_train, _check_dataset, _check_synthetic,
+    _check_gen_trt_engine]
 
 
 def check_config(cfg: DictConfig) -> None:

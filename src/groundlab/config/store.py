@@ -16,6 +16,7 @@ from groundlab.config import schema_action as act
 from groundlab.config import schema_dataset as ds
 from groundlab.config import schema_model as mdl
 from groundlab.config import schema_quantize as qnt
+from groundlab.config import schema_trt as trt
 
 
 @dataclass
@@ -28,7 +29,8 @@ class RootConfig:
     train: Any = MISSING
     evaluate: Any = MISSING
     inference: Any = MISSING
-    quantize: Any = MISSING
+    quantize: Any = None  # post-training quantization (gdino, mask_gdino); absent for mal
+    gen_trt_engine: Any = None  # TensorRT engine building (gdino, mask_gdino); absent for mal
     seed: int = 42
     run_name: str = "default"  # the run dir is outputs/<model>/<action>/<run_name>: a rerun resumes there
     results_dir: str = "outputs"
@@ -52,6 +54,7 @@ SCHEMAS = [
     ("inference", "schema_gdino", act.GDinoInferenceConfig),
     ("inference", "schema_mal", act.MALInferenceConfig),
     ("quantize", "schema_quantize", qnt.QuantizeConfig),
+    ("gen_trt_engine", "schema_gen_trt_engine", trt.GenTrtEngineConfig),
 ]
 
 

@@ -21,7 +21,8 @@ PASTE_GROUP = 32
 
 def paste_query_masks(outputs: Sequence[Dict[str, Any]], image: int, chunks: torch.Tensor, queries: torch.Tensor,
                       orig_size: torch.Tensor, threshold: float) -> torch.Tensor:
-    """outputs: per prompt chunk, MaskGroundingDINO's outputs for the batch; image: the batch index; chunks,
+    """outputs: per prompt chunk, MaskGroundingDINO's outputs for the batch, or an exported network's with
+    "pred_masks" (B, Q, H4, W4) stride-4 logits of every query and "image_sizes"; image: the batch index; chunks,
     queries: (K,) long, each detection's chunk and query; orig_size: (2,) (h, w). Returns (K, h, w) bool,
     probability > threshold."""
     H, W = (int(v) for v in orig_size.tolist())
@@ -36,8 +37,11 @@ def paste_query_masks(outputs: Sequence[Dict[str, Any]], image: int, chunks: tor
         in_h, in_w = (int(v) for v in out["image_sizes"][image].tolist())
         rows = (chunks == k).nonzero().flatten()
         for group in rows.split(PASTE_GROUP):
-            q = queries[group].to(out["mask_params"].device)
-            logits = query_masks(out, torch.full_like(q, image), q).float()[:, None]  # (G, 1, H4, W4)
+            if "pred_masks" in out:  # an engine computed every query's mask in the graph
+                logits = out["pred_masks"][image, queries[group].to(out["pred_masks"].device)].float()[:, None]
+            else:
+                q = queries[group].to(out["mask_params"].device)
+                logits = query_masks(out, torch.full_like(q, image), q).float()[:, None]  # (G, 1, H4, W4)
             h4, w4 = logits.shape[-2:]
             logits = F.interpolate(logits, size=(h4 * MASK_OUT_STRIDE, w4 * MASK_OUT_STRIDE), mode="bilinear",
                                    align_corners=False)[:, :, :in_h, :in_w]
