@@ -1,0 +1,159 @@
+"""action=quantize for Grounding DINO and Mask Grounding DINO: post-training quantization to an int8 ONNX graph
+(Q/DQ format, which ONNX Runtime runs on the CPU and TensorRT builds as an INT8 engine), then the float and the
+quantized graph are evaluated on the validation split and both mAPs and their difference written to
+<results_dir>/quantize/results.json.
+
+quantize.backend:
+- `onnxruntime`: ONNX Runtime's static INT8 PTQ of the float graph (deploy/ort_quantize.py), calibrated on
+  dataset.quant_calibration_data_sources; quantize.model_path is a checkpoint (exported first, at
+  export.input_height x export.input_width) or an .onnx file;
+- `modelopt.pytorch`: NVIDIA ModelOpt fake-quantizers in the PyTorch model, calibrated on the same images, then the
+  Q/DQ graph exported (deploy/modelopt_quantize.py); quantize.model_path is a checkpoint.
+Calibration images go through the evaluation transforms at the graph's size with their source's class prompts, as
+evaluate runs them; `quantize.skip_names` (globs over node / module names) stay float.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+from typing import Dict, Iterator, List
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from groundlab.actions.evaluate import run as evaluate
+from groundlab.actions.export import export_checkpoint
+from groundlab.config import ConfigError
+from groundlab.data.collate import GroundingCollator
+from groundlab.data.grounding_dataset import GroundingDataset
+from groundlab.data.sources import load_split
+from groundlab.deploy.ort_quantize import quantize_onnx
+from groundlab.ops.atomic_write import atomic_write
+from groundlab.predict.backends import open_predictor, predictor_transforms
+from groundlab.predict.gdino import GDinoPredictor
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("onnxruntime", "modelopt.pytorch")
+
+
+def calibration_batches(cfg: DictConfig, predictor: GDinoPredictor) -> Iterator[Dict[str, torch.Tensor]]:
+    """Up to quantize.num_calibration_batches batches of dataset.quant_calibration_data_sources as the predictor
+    sees them: {"images": (B, 3, H, W) at the graph's size, "padding_mask", "prompt": the class prompt (each
+    chunk of a long class list in turn)}."""
+    sources = load_split(cfg.dataset, cfg.cache_dir, "quant_calibration", use_masks=False)
+    if not sources or not sum(len(s.records) for s in sources):
+        raise ConfigError("dataset.quant_calibration_data_sources holds no images: give the image_dir and json_file "
+                          "(COCO or ODVG with label_map) that calibrate the quantized activations.")
+    dataset = GroundingDataset(sources, predictor.encoder, predictor_transforms(cfg.dataset.augmentation, predictor),
+                               train=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.dataset.batch_size, shuffle=False,
+                                         num_workers=cfg.dataset.workers,
+                                         collate_fn=GroundingCollator(predictor.encoder, tokenize=False))
+    prompts = predictor.chunked(sources[0].class_names).prompts
+    batches = (b for b in loader if b["images"] is not None)
+    for k, batch in enumerate(itertools.islice(batches, int(cfg.quantize.num_calibration_batches))):
+        yield {"images": batch["images"], "padding_mask": batch["padding_mask"], "prompt": prompts[k % len(prompts)]}
+
+
+def _ort_feeds(cfg: DictConfig, predictor: GDinoPredictor) -> Iterator[Dict[str, np.ndarray]]:
+    """The float graph's inputs, as numpy arrays by input name, for each calibration batch."""
+    backend = predictor.backend
+    for batch in calibration_batches(cfg, predictor):
+        images = backend.encode_image(batch["images"], batch["padding_mask"])
+        B = images.shape[0]
+        text = {k: v.expand(B, *v.shape[1:]) for k, v in predictor.texts.get(batch["prompt"]).text.items()}
+        feeds = {"inputs": images, **text}
+        yield {n: np.ascontiguousarray(feeds[n].numpy().astype(backend.types[n])) for n in backend.input_names}
+
+
+def _evaluate(cfg: DictConfig, onnx_file: str, name: str) -> Dict[str, float]:
+    """evaluate's metrics of one graph, in <results_dir>/quantize/<name>/."""
+    run_cfg = OmegaConf.merge(cfg, {"evaluate": {"checkpoint": None, "trt_engine": None, "onnx_file": onnx_file,
+                                                 "backend": "onnxruntime"},
+                                    "results_dir": os.path.join(cfg.results_dir, "quantize", name)})
+    return evaluate(run_cfg)
+
+
+def run(cfg: DictConfig) -> Dict[str, float]:
+    q = cfg.quantize
+    if not q.model_path:
+        raise ConfigError("quantize.model_path is required: a checkpoint (.pth, HF directory) or an exported .onnx.")
+    if q.backend not in BACKENDS:
+        raise ConfigError(f"quantize.backend={q.backend!r} is not one of {list(BACKENDS)}.")
+    out_dir = os.path.join(cfg.results_dir, "quantize")
+    os.makedirs(out_dir, exist_ok=True)
+    is_onnx = str(q.model_path).endswith(".onnx")
+    if q.backend == "modelopt.pytorch" and is_onnx:
+        raise ConfigError(f"quantize.backend=modelopt.pytorch quantizes the PyTorch model: quantize.model_path="
+                          f"{q.model_path} is an ONNX file (use quantize.backend=onnxruntime for it).")
+    dtypes = {layer[part]["dtype"] for layer in q.layers for part in ("weights", "activations")}
+    if q.backend == "onnxruntime" and dtypes != {"int8"}:
+        raise ConfigError(f"quantize.layers asks for {sorted(dtypes)}: quantize.backend=onnxruntime makes int8 graphs "
+                          f"only (fp8_e4m3fn needs quantize.backend=modelopt.pytorch and a TensorRT engine).")
+    float_onnx = str(q.model_path) if is_onnx else os.path.join(out_dir, f"{cfg.model.name}.float.onnx")
+    quant_onnx = q.onnx_file or os.path.join(out_dir, f"{cfg.model.name}.int8.onnx")
+    if not is_onnx:
+        export_checkpoint(cfg, str(q.model_path), float_onnx)
+    device = torch.device("cpu")
+    float_predictor = open_predictor(cfg.model, OmegaConf.create(
+        {"checkpoint": None, "onnx_file": float_onnx, "trt_engine": None, "backend": None}), "quantize", device)
+    if q.backend == "onnxruntime":
+        report = quantize_onnx(float_onnx, quant_onnx, _ort_feeds(cfg, float_predictor), list(q.skip_names),
+                               q.mode, q.algorithm)
+        copy_metadata(float_onnx, quant_onnx)
+        summary = report.summary()
+    else:
+        summary = _modelopt(cfg, float_predictor, quant_onnx)
+    log.info("%s", summary)
+    float_metrics = _evaluate(cfg, float_onnx, "float")
+    quant_metrics = _evaluate(cfg, quant_onnx, "quantized")
+    delta = {k: quant_metrics[k] - float_metrics[k] for k in float_metrics if "mAP" in k}
+    results = {"backend": q.backend, "mode": q.mode, "float_onnx": float_onnx, "quantized_onnx": quant_onnx,
+               "summary": summary, "float": float_metrics, "quantized": quant_metrics, "delta": delta}
+    atomic_write(os.path.join(out_dir, "results.json"), lambda tmp: json.dump(results, open(tmp, "w"), indent=1))
+    for key, value in delta.items():
+        log.info("quantized %s: %.4f (float %.4f, delta %+.4f)", key, quant_metrics[key], float_metrics[key], value)
+    return {**{f"float_{k}": v for k, v in float_metrics.items() if "mAP" in k},
+            **{f"quantized_{k}": v for k, v in quant_metrics.items() if "mAP" in k},
+            **{f"delta_{k}": v for k, v in delta.items()}}
+
+
+def copy_metadata(source: str, target: str) -> None:
+    """The float graph's metadata (the predictor's model facts) onto the quantized graph."""
+    import onnx
+
+    src, dst = onnx.load(source, load_external_data=False), onnx.load(target)
+    del dst.metadata_props[:]
+    dst.metadata_props.extend(src.metadata_props)
+    onnx.save(dst, target)
+
+
+def _modelopt(cfg: DictConfig, float_predictor: GDinoPredictor, quant_onnx: str) -> str:
+    """ModelOpt PTQ of the checkpoint's PyTorch model, calibrated on the calibration batches (at the float graph's
+    size), exported as a Q/DQ graph. Returns the summary line."""
+    from groundlab.deploy.modelopt_quantize import count_quantizers, modelopt_config, quantize_model
+    from groundlab.predict.torch_backend import TorchBackend
+
+    q = cfg.quantize
+    torch_predictor = open_predictor(cfg.model, OmegaConf.create(
+        {"checkpoint": str(q.model_path), "onnx_file": None, "trt_engine": None, "backend": None}), "quantize",
+        torch.device("cpu"))
+    model = torch_predictor.backend.model.eval()
+    batches: List[Dict[str, torch.Tensor]] = list(calibration_batches(cfg, float_predictor))
+    backend = TorchBackend(model)
+
+    def forward_loop(m) -> None:
+        for batch in batches:
+            backend.detect(backend.encode_image(batch["images"], batch["padding_mask"]),
+                           torch_predictor.texts.get(batch["prompt"]).text)
+
+    config = modelopt_config(list(OmegaConf.to_container(q.layers, resolve=True)), list(q.skip_names), q.algorithm,
+                             weight_only=q.mode == "weight_only_ptq")
+    quantize_model(model, config, forward_loop)
+    export_checkpoint(cfg, str(q.model_path), quant_onnx, model=model)
+    return f"ModelOpt quantized {count_quantizers(model)} quantizers, {len(batches)} calibration batches: {quant_onnx}"
