@@ -150,6 +150,13 @@ RULES: List[Tuple[str, Rule]] = [
     ("inference.draw_images", at_least(-1)),
     ("inference.num_gpus", at_least(0)),
     ("inference.gpu_ids", each(at_least(0))),
+    ("evaluate.backend", one_of("torch", "onnxruntime", "tensorrt")),
+    ("inference.backend", one_of("torch", "onnxruntime", "tensorrt")),
+    # export (deploy/onnx_export.py)
+    ("export.input_height", at_least(32)),
+    ("export.input_width", at_least(32)),
+    ("export.batch_size", Rule(lambda v: v == -1 or v >= 1, "-1 (dynamic) or >= 1")),
+    ("export.opset_version", at_least(16)),  # GridSample (the deformable attention) is opset 16
     # action=visualize
     ("action.split", one_of("train", "val", "test")),
     ("action.num_images", at_least(0)),

@@ -27,6 +27,7 @@ class RootConfig:
     train: Any = MISSING
     evaluate: Any = MISSING
     inference: Any = MISSING
+    export: Any = None  # models with an export (conf/export/<model>.yaml); None for the others
     seed: int = 42
     run_name: str = "default"  # the run dir is outputs/<model>/<action>/<run_name>: a rerun resumes there
     results_dir: str = "outputs"
@@ -49,6 +50,7 @@ SCHEMAS = [
     ("evaluate", "schema_mal", act.MALEvaluateConfig),
     ("inference", "schema_gdino", act.GDinoInferenceConfig),
     ("inference", "schema_mal", act.MALInferenceConfig),
+    ("export", "schema_gdino", act.GDinoExportConfig),
 ]
 
 
