@@ -79,8 +79,10 @@ def parse_spec(text: str) -> List[OverrideSet]:
 SETS = parse_spec(SPEC.read_text()) if SPEC.is_file() else []
 
 
-# capabilities a "needs" cell names that exist (for these actions): Mask Grounding DINO trains, evaluates and infers
-AVAILABLE = {"mask_gdino": {"train", "inference"}}
+# capabilities a "needs" cell names that exist (for these actions): Mask Grounding DINO trains, evaluates and infers;
+# deploy: action=export, and evaluate / inference take an exported file (onnx_file; trt_engine is read by
+# predict/backends.py, which names the missing TensorRT backend when run)
+AVAILABLE = {"mask_gdino": {"train", "inference"}, "deploy": {"export", "evaluate", "inference"}}
 
 
 def _why_not(s: OverrideSet) -> Optional[str]:
@@ -141,8 +143,8 @@ def test_the_spec_parses_into_sets():
         pytest.skip(f"{SPEC} is absent")
     assert {s.model for s in SETS} == {"gdino", "mask_gdino", "mal"}
     assert {(s.model, s.action) for s in SETS if _why_not(s) is None} >= {
-        ("gdino", "train"), ("gdino", "evaluate"), ("gdino", "inference"), ("mask_gdino", "inference"),
-        ("mal", "train"), ("mal", "evaluate"), ("mal", "inference")}
+        ("gdino", "train"), ("gdino", "evaluate"), ("gdino", "inference"), ("gdino", "export"),
+        ("mask_gdino", "inference"), ("mal", "train"), ("mal", "evaluate"), ("mal", "inference")}
     fsdp = [s for s in SETS if "train.distributed_strategy=fsdp" in s.overrides]
     assert fsdp and all("train.precision=bf16" in s.overrides for s in fsdp)
 
