@@ -112,11 +112,19 @@ def test_rank_swaps_are_compared_under_onnx_runtimes_selection(compose, tokenize
     assert max(result.max_abs_diff.values()) == 0.0
     assert result.note.startswith("2 of 20 ranks of the top-k query selection differ (the same proposals in "
                                   "another order: near-tied scores, smallest gap")
-    wrong = {**got, "pred_logits": got["pred_logits"] + 0.01}
-    with pytest.raises(ExportMismatch, match="even under ONNX Runtime's query selection: pred_logits 1.00e-02"):
+    wrong = {**got, "pred_boxes": got["pred_boxes"] + 0.01}  # boxes are in [0, 1]: the tolerance is 1e-3
+    with pytest.raises(ExportMismatch, match="even under ONNX Runtime's query selection: pred_logits 0.00e.00, "
+                                             "pred_boxes 1.00e-02"):
         agreement(reference, wrong, swapped)
-    with pytest.raises(ExportMismatch, match="under the same query selection: pred_logits 1.00e-02"):
-        agreement(reference, {**same, "pred_logits": same["pred_logits"] + 0.01}, own)
+    with pytest.raises(ExportMismatch, match="under the same query selection: pred_logits 0.00e.00, pred_boxes 1.0"):
+        agreement(reference, {**same, "pred_boxes": same["pred_boxes"] + 0.01}, own)
+    # an output with values beyond 1 in magnitude is compared relative to them (mask logits run into the hundreds)
+    scale = result.scales["pred_logits"]
+    assert scale > 1 and result.scales["pred_boxes"] == 1.0
+    assert agreement(reference, {**same, "pred_logits": same["pred_logits"] + 0.5e-3 * scale}, own).max_abs_diff[
+        "pred_logits"] > 1e-3
+    with pytest.raises(ExportMismatch, match="times the largest .value.: pred_logits"):
+        agreement(reference, {**same, "pred_logits": same["pred_logits"] + 2e-3 * scale}, own)
 
 
 def _foreign_onnx(path):
@@ -365,7 +373,8 @@ def test_split_graphs_reproduce_the_full_graph(compose, tokenizer, tmp_path):
 
 @pytest.mark.slow
 def test_a_fixed_batch_graph_runs_any_batch(compose, tokenizer, tmp_path):
-    """export.batch_size=2: the backend runs three images as two groups (the last filled with a copy)."""
+    """export.batch_size=2: the backend runs three images as two groups (the last filled with a copy); without
+    groundlab's metadata the same graph is read with the config's model keys."""
     from groundlab.deploy.onnx_export import FullGraph
     from groundlab.predict.onnx_backend import OnnxRuntimeBackend
 
@@ -385,6 +394,18 @@ def test_a_fixed_batch_graph_runs_any_batch(compose, tokenizer, tmp_path):
     _assert_close(out["pred_boxes"].numpy(), ref[1])
     with pytest.raises(ValueError, match="takes 96x128 images, got"):
         backend.encode_image(torch.zeros(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool))
+
+    # a foreign graph (TAO's export carries no groundlab metadata): described by its inputs and the config
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    onnx.save(proto, str(tmp_path / "foreign.onnx"))
+    cfg = compose(TINY_GDINO + ["model.num_select=7"]).model
+    foreign = OnnxRuntimeBackend(str(tmp_path / "foreign.onnx"), torch.device("cpu"), cfg)
+    assert (foreign.info.kind, foreign.info.max_text_len, foreign.info.num_select, foreign.info.input_size,
+            foreign.info.batch_size, foreign.info.class_names, foreign.has_masks) == (
+                "full", 256, 7, (96, 128), 2, None, False)
+    again = foreign.detect(foreign.encode_image(images, torch.zeros(3, 96, 128, dtype=torch.bool)), text)
+    assert torch.equal(again["pred_boxes"], out["pred_boxes"])
 
 
 # the quickstart recipe on 256 synthetic scenes for 2 epochs (~35 s): a model whose mAP is clearly above 0

@@ -1,16 +1,16 @@
 """action=evaluate for Grounding DINO and Mask Grounding DINO: COCO AP of a checkpoint (groundlab, HF or IDEA
 layout), an exported ONNX graph (evaluate.onnx_file) or a TensorRT engine (evaluate.trt_engine) on a COCO json
-with any category ids (predict/backends.py picks the backend; a graph's fixed input size sets the resize). The predictor prompts every class name (split into several
-prompts when too long, merged back; the backbone runs once per image); detections below
-evaluate.conf_threshold are dropped and, with evaluate.nms_threshold, class-wise box NMS runs on the merged
-detections. Results are written with the original ids into <results_dir>/evaluate/:
+with any category ids (predict/backends.py picks the backend; a graph's fixed input size sets the resize). The
+predictor prompts every class name (split into several prompts when too long, merged back; the backbone runs
+once per image); detections below evaluate.conf_threshold are dropped and, with evaluate.nms_threshold,
+class-wise box NMS runs on the merged detections. Results are written with the original ids into
+<results_dir>/evaluate/:
 
 - results.json {"metrics": ..., "checkpoint" (the file evaluated), "backend", "annotations", "num_prompts",
-  "skipped_images"}. A box model's
-  metrics are bbox's: the 12 COCO stats (AP, AP50, ... ARl), per_class_AP, per_class_AP_by_id, num_images,
-  num_detections, empty, images_skipped. A mask model's (predictor.has_masks) are {"bbox": {those stats},
-  "segm": {the same for the masks}, "images_skipped"}: masks binarized at evaluate.mask_threshold are scored
-  against the json's segmentations, which every annotation must then have.
+  "skipped_images"}. A box model's metrics are bbox's: the 12 COCO stats (AP, AP50, ... ARl), per_class_AP,
+  per_class_AP_by_id, num_images, num_detections, empty, images_skipped. A mask model's (predictor.has_masks)
+  are {"bbox": {those stats}, "segm": {the same for the masks}, "images_skipped"}: masks binarized at
+  evaluate.mask_threshold are scored against the json's segmentations, which every annotation must then have.
 - detections.json: COCO results [{"image_id", "category_id", "bbox": [x, y, w, h], "score"}], each with
   "segmentation" (compressed RLE, str counts) for a mask model.
 

@@ -46,6 +46,10 @@ MASK_OUTPUT = "pred_masks"
 INPUT_DTYPES = {"inputs": np.float32, "input_ids": np.int64, "attention_mask": np.bool_, "position_ids": np.int64,
                 "token_type_ids": np.int64, "text_token_mask": np.bool_, "text_features": np.float32}
 
+# the shape of each input, as one-line descriptions (a foreign graph's input ranks are checked against them)
+INPUT_SHAPES = {"inputs": "(B, 3, H, W)", "input_ids": "(B, L)", "attention_mask": "(B, L)", "position_ids": "(B, L)",
+                "token_type_ids": "(B, L)", "text_token_mask": "(B, L, L)", "text_features": "(B, L, C)"}
+
 TEXT_FEATURES = "text_features"
 TEXT_GRAPH_INPUTS = ("input_ids", "position_ids", "token_type_ids", "text_token_mask")
 TEXT_GRAPH_OUTPUTS = (TEXT_FEATURES,)
@@ -87,7 +91,8 @@ class GraphInfo:
 
 
 def split_graph_paths(onnx_file: str) -> Tuple[str, str]:
-    """(text graph, image graph) paths of a split export named after `onnx_file`: a.onnx -> a.text.onnx, a.image.onnx."""
+    """(text graph, image graph) paths of a split export named after `onnx_file`: a.onnx -> a.text.onnx and
+    a.image.onnx."""
     stem = onnx_file[:-5] if onnx_file.endswith(".onnx") else onnx_file
     return f"{stem}.text.onnx", f"{stem}.image.onnx"
 

@@ -2,8 +2,9 @@
 
 For each detection, its prompt chunk's outputs give stride-4 logits: precomputed for every query under
 "pred_masks" (B, Q, H/4, W/4) by an exported graph (TAO's contract), else computed for the selected queries by
-`query_masks` from MaskGroundingDINO's outputs. As in TAO's PostProcess they are resized to the padded network input (x4), cropped to the unpadded input and resized to the
-original image (bilinear both times), then thresholded on the probability. Work is done in groups of
+`query_masks` from MaskGroundingDINO's outputs. As in TAO's PostProcess they are resized to the padded network
+input (x4), cropped to the unpadded input (its size comes from the predictor: the padding mask) and resized to
+the original image (bilinear both times), then thresholded on the probability. Work is done in groups of
 PASTE_GROUP masks, so 300 detections on a large image never hold 300 float masks at full size at once.
 """
 

@@ -25,8 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 from groundlab.config import ConfigError
 from groundlab.errors import MissingFile
 from groundlab.predict.graph_contract import (
-    GRAPH_INPUTS, IMAGE_INPUT, INPUT_DTYPES, MASK_OUTPUT, METADATA_KEY, OUTPUTS, TEXT_FEATURES, TEXT_GRAPH_OUTPUTS,
-    GraphInfo, graph_tokens, text_graph_path,
+    GRAPH_INPUTS, IMAGE_INPUT, INPUT_DTYPES, INPUT_SHAPES, MASK_OUTPUT, METADATA_KEY, OUTPUTS, TEXT_FEATURES,
+    TEXT_GRAPH_OUTPUTS, GraphInfo, graph_tokens, text_graph_path,
 )
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,22 @@ def _static(dim) -> Optional[int]:
     return dim if isinstance(dim, int) and dim > 0 else None
 
 
+# onnxruntime's type names of the contract's inputs -> numpy (a graph may declare int32 ids, e.g. for TensorRT)
+NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+               "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+
+
+def input_types(session, onnx_file: str) -> Dict[str, type]:
+    """numpy dtype of each input, as the graph declares it (the contract's: predict/graph_contract.INPUT_DTYPES)."""
+    types = {}
+    for i in session.get_inputs():
+        if i.type not in NUMPY_TYPES:
+            raise ConfigError(f"{onnx_file}: input {i.name} is {i.type}; a Grounding DINO graph takes "
+                              f"{INPUT_DTYPES.get(i.name, np.float32).__name__} there.")
+        types[i.name] = NUMPY_TYPES[i.type]
+    return types
+
+
 def graph_info(session, onnx_file: str, model_cfg: Optional[DictConfig]) -> GraphInfo:
     """The GraphInfo stored at export; a foreign graph (no "groundlab" metadata) is described from its input shapes
     and the config's model keys. ConfigError (one sentence naming the file) when the inputs are not the contract's."""
@@ -95,6 +111,15 @@ def graph_info(session, onnx_file: str, model_cfg: Optional[DictConfig]) -> Grap
     if missing:
         raise ConfigError(f"{onnx_file} lacks the inputs {', '.join(missing)}: a Grounding DINO graph takes "
                           f"{', '.join(expected)} (action=export or TAO's export writes them).")
+    for n in expected:
+        rank = INPUT_SHAPES[n].count(",") + 1
+        if len(names[n].shape) != rank:
+            raise ConfigError(f"{onnx_file}: input {n} has shape {names[n].shape}; a Grounding DINO graph takes "
+                              f"{n} {INPUT_SHAPES[n]}.")
+    extra = [n for n in names if n not in expected]
+    if extra:
+        raise ConfigError(f"{onnx_file} has inputs that a Grounding DINO graph does not take: {', '.join(extra)} "
+                          f"(expected {', '.join(expected)}).")
     outputs = [o.name for o in session.get_outputs()]
     wanted = TEXT_GRAPH_OUTPUTS if info.kind == "text" else OUTPUTS
     if any(n not in outputs for n in wanted):
@@ -121,7 +146,9 @@ class OnnxRuntimeBackend:
             text_file = text_graph_path(onnx_file, self.info)
             self.text_session = open_session(text_file, self.device)
             graph_info(self.text_session, text_file, None)
-        self.input_names = [i.name for i in self.session.get_inputs()]
+            self.text_types = input_types(self.text_session, text_file)
+        self.types = input_types(self.session, onnx_file)
+        self.input_names = list(self.types)
         self.output_names = [n for n in (*OUTPUTS, MASK_OUTPUT)
                              if n in {o.name for o in self.session.get_outputs()}]
 
@@ -143,7 +170,7 @@ class OnnxRuntimeBackend:
         text = {k: v.cpu() for k, v in graph_tokens(tokens, self.max_text_len).items()}
         if self.text_session is None:
             return text
-        feeds = {i.name: text[i.name].numpy().astype(INPUT_DTYPES[i.name]) for i in self.text_session.get_inputs()}
+        feeds = {n: text[n].numpy().astype(t) for n, t in self.text_types.items()}
         (features,) = self.text_session.run(list(TEXT_GRAPH_OUTPUTS), feeds)
         return {TEXT_FEATURES: torch.from_numpy(features), "attention_mask": text["attention_mask"],
                 "position_ids": text["position_ids"], "text_token_mask": text["text_token_mask"]}
@@ -174,7 +201,7 @@ class OnnxRuntimeBackend:
             short = step - group[IMAGE_INPUT].shape[0]
             if short:  # a fixed-batch graph: fill the last group with copies of its last image
                 group = {n: torch.cat([v, v[-1:].expand(short, *v.shape[1:])]) for n, v in group.items()}
-            arrays = {n: np.ascontiguousarray(v.numpy().astype(INPUT_DTYPES[n], copy=False)) for n, v in group.items()}
+            arrays = {n: np.ascontiguousarray(v.numpy().astype(self.types[n], copy=False)) for n, v in group.items()}
             outs = self.session.run(self.output_names, arrays)
             parts.append([o[: step - short] for o in outs])
         return {n: torch.from_numpy(np.concatenate([p[i] for p in parts])).to(self.device)
