@@ -7,8 +7,8 @@ graph with TAO's input and output names (predict/graph_contract.py), then checke
    export.input_height x export.input_width and normalized as evaluation does; the prompt is the checkpoint's
    class names (as many as fit max_text_len) or "object". The largest |difference| of each output is logged and
    returned as `max_abs_diff_<output>` (`max_abs_diff_text_features` and `..._image` for a split export); over
-   1e-3 the export fails (where near-tied proposal scores rank differently, PyTorch runs again with ONNX
-   Runtime's query selection: deploy/onnx_verify.py).
+   1e-3 (relative for outputs beyond 1 in magnitude, e.g. mask logits) the export fails. Where near-tied proposal
+   scores rank differently, PyTorch runs again with ONNX Runtime's query selection (deploy/onnx_verify.py).
 
 Writes export.onnx_file (default <results_dir>/<model>.onnx) and, with export.split_text_encoder, <name>.text.onnx and
 <name>.image.onnx next to it. Each graph carries the model facts evaluate / inference need (num_select, class
