@@ -167,7 +167,7 @@ def test_a_missing_execution_provider_is_one_sentence(compose, tmp_path):
     ([], "evaluate.checkpoint (a groundlab .pth, an HF directory or an IDEA .pth), evaluate.onnx_file or "
          "evaluate.trt_engine is required."),
     (["evaluate.checkpoint=a.pth", "evaluate.onnx_file=a.onnx"],
-     "evaluate.checkpoint, evaluate.onnx_file are all given: set evaluate.backend to one of torch, onnxruntime "
+     "evaluate.checkpoint, evaluate.onnx_file are given together: set evaluate.backend to one of torch, onnxruntime "
      "to say which runs."),
     (["evaluate.checkpoint=a.pth", "evaluate.backend=onnxruntime"],
      "evaluate.backend=onnxruntime runs evaluate.onnx_file, which is not given."),

@@ -66,7 +66,8 @@ def choose_backend(settings: DictConfig, prefix: str) -> Tuple[str, str]:
                           f"{prefix}.onnx_file or {prefix}.trt_engine is required.")
     if len(given) > 1:
         keys = ", ".join(f"{prefix}.{FILE_KEYS[b]}" for b in given)
-        raise ConfigError(f"{keys} are all given: set {prefix}.backend to one of {', '.join(given)} to say which runs.")
+        raise ConfigError(f"{keys} are given together: set {prefix}.backend to one of {', '.join(given)} to say "
+                          f"which runs.")
     backend, path = next(iter(given.items()))
     return backend, str(path)
 
