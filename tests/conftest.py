@@ -79,28 +79,19 @@ TINY_GDINO = [
 ]
 
 
-ONNX_INPUTS = ["inputs", "input_ids", "attention_mask", "position_ids", "token_type_ids", "text_token_mask"]
-
-
 def export_onnx(model, images, text, path):
-    """Export a Grounding DINO with TAO/DeepStream input and output names and a dynamic batch (the model itself
-    is not patched); returns (onnxruntime session, the export's inputs by name)."""
+    """Export a Grounding DINO the way action=export does (groundlab.deploy.onnx_export: TAO names, dynamic
+    batch, text padded to max_text_len); returns (onnxruntime session, the graph's inputs by name)."""
     import onnxruntime
     import torch
 
-    class Export(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
+    from groundlab.deploy.onnx_export import export_gdino, graph_info
+    from groundlab.predict.graph_contract import graph_tokens
 
-        def forward(self, inputs, input_ids, attention_mask, position_ids, token_type_ids, text_token_mask):
-            out = self.m(inputs, input_ids, attention_mask, token_type_ids, position_ids, text_token_mask)
-            return out["pred_logits"], out["pred_boxes"]
+    example = {"inputs": images, **graph_tokens({k: v for k, v in text.items() if torch.is_tensor(v)},
+                                                model.max_text_len)}
+    from omegaconf import OmegaConf
 
-    args = (images, text["input_ids"], text["attention_mask"], text["position_ids"], text["token_type_ids"],
-            text["text_self_attention_mask"])
-    # eval() on the wrapper: the exporter restores the wrapper's mode, recursively, when it is done
-    torch.onnx.export(Export(model).eval(), args, str(path), input_names=ONNX_INPUTS,
-                      output_names=["pred_logits", "pred_boxes"], opset_version=17,
-                      dynamic_axes={n: {0: "batch"} for n in ONNX_INPUTS}, dynamo=False)
-    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]), dict(zip(ONNX_INPUTS, args))
+    info = graph_info(model, OmegaConf.to_container(model.cfg, resolve=True), None, tuple(images.shape[-2:]), None)
+    export_gdino(model, info, str(path), example)
+    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]), example

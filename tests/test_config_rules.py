@@ -110,6 +110,14 @@ CASES = [
     (MAL, "inference.draw_images=-2", "inference.draw_images=-2 must be >= -1."),
     ([], "inference.num_gpus=-1", "inference.num_gpus=-1 must be >= 0."),
     ([], "inference.gpu_ids=[-1]", "inference.gpu_ids=[-1] must be a list of values, each >= 0."),
+    ([], "evaluate.backend=onnx", "evaluate.backend='onnx' must be one of torch, onnxruntime, tensorrt."),
+    (["model=mask_gdino"], "inference.backend=trt", "inference.backend='trt' must be one of torch, onnxruntime, "
+                                                    "tensorrt."),
+    # export
+    ([], "export.input_height=16", "export.input_height=16 must be >= 32."),
+    (["model=mask_gdino"], "export.input_width=0", "export.input_width=0 must be >= 32."),
+    ([], "export.batch_size=-2", "export.batch_size=-2 must be -1 (dynamic) or >= 1."),
+    ([], "export.opset_version=13", "export.opset_version=13 must be >= 16."),
     # action=visualize
     # gen_trt_engine (action=trt)
     (["action=trt"], "gen_trt_engine.tensorrt.data_type=int4",

@@ -205,13 +205,14 @@ def test_tao_mask_gdino_inference_row_reads_its_archive_and_classmap(compose, tm
 
 # ------------------------------------------------------------------------------------------------ actions
 class FakePredictor:
-    """Stands in for GDinoPredictor.from_checkpoint in the actions: `has_masks`, `encoder` and `chunked` as the real
-    one has them; detect_classes / detect_captions return `by_size[(h, w)]` (a hand-made result per original image
+    """Stands in for GDinoPredictor.from_checkpoint in the actions: `has_masks`, `input_size` (None: a checkpoint takes
+    any size), `encoder` and `chunked` as the real one has them; detect_classes / detect_captions return `by_size[(h, w)]` (a hand-made result per original image
     size, so batch order does not matter) and record the thresholds they were given."""
 
     def __init__(self, tokenizer, by_size, has_masks: bool = True):
         self.encoder = PromptEncoder(tokenizer, 256)
         self.by_size, self.has_masks = by_size, has_masks
+        self.input_size = None
         self.calls = []
 
     def chunked(self, class_names):

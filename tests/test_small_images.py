@@ -66,6 +66,15 @@ def test_select_topk_takes_real_tokens_first_and_pads_the_rest():
     assert not real[:, 4:].any()
 
 
+def test_select_topk_ranks_exact_ties_by_token_index_as_onnx_topk_does():
+    """Proposals whose memory is zeroed (outside the image's valid area) all score the same: they rank lower index
+    first in eager PyTorch as in ONNX's TopK, so a checkpoint and its exported graph pick the same queries."""
+    scores = torch.tensor([[0.5, 2.0, 0.5, 2.0, 0.5, 2.0, 1.0]] * 2)[..., None]
+    padding = torch.zeros(2, 7, dtype=torch.bool)
+    for _ in range(3):
+        assert select_topk(scores, padding, 5)[0].tolist() == [[1, 3, 5, 6, 0]] * 2
+
+
 def test_inference_pads_queries_beyond_the_image_tokens(small, tokenizer):
     cfg, model, text = small
     images = torch.randn(2, 3, 64, 64)

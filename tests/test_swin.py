@@ -163,3 +163,27 @@ def test_swin_t_preset_shape_and_image_backbone():
         expected = hf(x).feature_maps
     assert [tuple(f.shape[-2:]) for f, _ in got] == [(9, 11), (5, 6), (3, 3)]
     assert _max_diff(expected, [f for f, _ in got]) < 1e-4
+
+
+def test_a_trace_after_an_inference_mode_forward_at_the_same_size():
+    """The window indices cached by an inference-mode forward are inference tensors; a trace (ONNX export) at
+    the same size runs the gathers with grad on and must not reuse them ("Inference tensors cannot be saved for
+    backward"). The traced block gives the same output."""
+    from groundlab.models.common.swin import SwinBlock
+
+    torch.manual_seed(0)
+    block = SwinBlock(16, 2, 4, 2, 2.0, True, 1e-5, 0.0, 0.0, 0.0).eval()
+
+    class AtSixBySix(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = block
+
+        def forward(self, x):
+            return self.block(x, 6, 6)
+
+    x = torch.randn(1, 36, 16)
+    with torch.inference_mode():
+        expected = block(x, 6, 6).clone()
+    traced = torch.jit.trace(AtSixBySix(), (x,), check_trace=False)
+    assert torch.allclose(traced(x), expected, atol=1e-6)

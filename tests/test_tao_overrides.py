@@ -80,8 +80,10 @@ SETS = parse_spec(SPEC.read_text()) if SPEC.is_file() else []
 
 
 # capabilities a "needs" cell names that exist (for these actions): Mask Grounding DINO trains, evaluates and infers;
-# of deploy, TensorRT engine building (TAO's gen_trt_engine keys)
-AVAILABLE = {"mask_gdino": {"train", "inference"}, "deploy": {"gen_trt_engine"}}
+# deploy: action=export, TensorRT engine building (TAO's gen_trt_engine keys), quantize, and evaluate / inference
+# taking an exported file (onnx_file, trt_engine)
+AVAILABLE = {"mask_gdino": {"train", "inference"},
+             "deploy": {"export", "gen_trt_engine", "quantize", "evaluate", "inference"}}
 
 
 def _why_not(s: OverrideSet) -> Optional[str]:
@@ -142,8 +144,8 @@ def test_the_spec_parses_into_sets():
         pytest.skip(f"{SPEC} is absent")
     assert {s.model for s in SETS} == {"gdino", "mask_gdino", "mal"}
     assert {(s.model, s.action) for s in SETS if _why_not(s) is None} >= {
-        ("gdino", "train"), ("gdino", "evaluate"), ("gdino", "inference"), ("mask_gdino", "inference"),
-        ("mal", "train"), ("mal", "evaluate"), ("mal", "inference")}
+        ("gdino", "train"), ("gdino", "evaluate"), ("gdino", "inference"), ("gdino", "export"),
+        ("mask_gdino", "inference"), ("mal", "train"), ("mal", "evaluate"), ("mal", "inference")}
     fsdp = [s for s in SETS if "train.distributed_strategy=fsdp" in s.overrides]
     assert fsdp and all("train.precision=bf16" in s.overrides for s in fsdp)
 

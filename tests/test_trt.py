@@ -388,11 +388,11 @@ def test_masks_paste_the_same_from_pred_masks(compose):
         out = model(torch.randn(1, 3, 64, 96), ids, torch.ones_like(ids))
         Q = out["pred_boxes"].shape[1]
         masks = query_masks(out, torch.zeros(Q, dtype=torch.long), torch.arange(Q))
-    engine = {"pred_masks": masks[None], "image_sizes": torch.tensor([[64.0, 96.0]])}
+    engine = {"pred_masks": masks[None]}
     queries, chunks = torch.tensor([3, 0, 7]), torch.zeros(3, dtype=torch.long)
     for size in ([64, 96], [50, 75]):
-        a = paste_query_masks([out], 0, chunks, queries, torch.tensor(size), 0.5)
-        b = paste_query_masks([engine], 0, chunks, queries, torch.tensor(size), 0.5)
+        a = paste_query_masks([out], 0, chunks, queries, torch.tensor([64, 96]), torch.tensor(size), 0.5)
+        b = paste_query_masks([engine], 0, chunks, queries, torch.tensor([64, 96]), torch.tensor(size), 0.5)
         assert a.shape == (3, *size) and torch.equal(a, b)
 
 
@@ -499,7 +499,7 @@ def test_mask_gdino_engine_matches_pytorch(compose, tokenizer, tmp_path):
     assert got["pred_masks"].shape == ref[2].shape == (1, 20, 16, 24)
     assert (got["pred_masks"].cpu() - ref[2]).abs().max() < 1e-2
     assert (got["pred_boxes"].cpu() - ref[1]).abs().max() < 1e-3
-    assert got["image_sizes"].tolist() == [[64.0, 96.0]]
+    assert backend.input_size == (64, 96) and backend.info.has_masks
 
 
 @pytest.mark.gpu

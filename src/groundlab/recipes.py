@@ -22,6 +22,7 @@ RECIPES: Dict[Tuple[str, str], str] = {
     ("gdino", "evaluate"): "groundlab.actions.evaluate:run",
     ("gdino", "inference"): "groundlab.actions.inference:run",
     ("gdino", "visualize"): "groundlab.actions.visualize:run",
+    ("gdino", "export"): "groundlab.actions.export:run",
     # Mask Grounding DINO shares the Grounding DINO recipes: its network, losses and predictor outputs carry the masks
     ("mask_gdino", "train"): "groundlab.actions.train:train_gdino",
     ("mask_gdino", "evaluate"): "groundlab.actions.evaluate:run",
@@ -30,6 +31,7 @@ RECIPES: Dict[Tuple[str, str], str] = {
     # TensorRT engines from an ONNX file: TAO's action name; conf/action/trt.yaml makes action=trt the same action
     ("gdino", "gen_trt_engine"): "groundlab.actions.gen_trt_engine:run",
     ("mask_gdino", "gen_trt_engine"): "groundlab.actions.gen_trt_engine:run",
+    ("mask_gdino", "export"): "groundlab.actions.export:run",
     ("mal", "train"): "groundlab.actions.train:train_mal",
     ("mal", "evaluate"): "groundlab.actions.mal_evaluate:run",
     ("mal", "inference"): "groundlab.actions.mal_inference:run",
@@ -41,7 +43,7 @@ ACTION_HELP = {
     "evaluate": "metrics of a checkpoint on an annotated split, written to results.json",
     "inference": "predictions on images or boxes: annotated images, KITTI / COCO json, masks",
     "visualize": "draw a dataset's ground truth as the data pipeline delivers it",
-    "export": "ONNX export (planned)",
+    "export": "ONNX export (TAO names, dynamic batch), checked in onnxruntime against PyTorch",
     "quantize": "INT8 / FP8 quantization (planned)",
     "gen_trt_engine": "TensorRT engine from an ONNX file, FP32/FP16/FP8/INT8 (action=trt is the same)",
 }

@@ -1,14 +1,16 @@
 """action=evaluate for Grounding DINO and Mask Grounding DINO: COCO AP of a checkpoint (groundlab, HF or IDEA
-layout) on a COCO json with any category ids. The predictor prompts every class name (split into several
-prompts when too long, merged back; the backbone runs once per image); detections below
-evaluate.conf_threshold are dropped and, with evaluate.nms_threshold, class-wise box NMS runs on the merged
-detections. Results are written with the original ids into <results_dir>/evaluate/:
+layout), an exported ONNX graph (evaluate.onnx_file) or a TensorRT engine (evaluate.trt_engine) on a COCO json
+with any category ids (predict/backends.py picks the backend; a graph's fixed input size sets the resize). The
+predictor prompts every class name (split into several prompts when too long, merged back; the backbone runs
+once per image); detections below evaluate.conf_threshold are dropped and, with evaluate.nms_threshold,
+class-wise box NMS runs on the merged detections. Results are written with the original ids into
+<results_dir>/evaluate/:
 
-- results.json {"metrics": ..., "checkpoint", "annotations", "num_prompts", "skipped_images"}. A box model's
-  metrics are bbox's: the 12 COCO stats (AP, AP50, ... ARl), per_class_AP, per_class_AP_by_id, num_images,
-  num_detections, empty, images_skipped. A mask model's (predictor.has_masks) are {"bbox": {those stats},
-  "segm": {the same for the masks}, "images_skipped"}: masks binarized at evaluate.mask_threshold are scored
-  against the json's segmentations, which every annotation must then have.
+- results.json {"metrics": ..., "checkpoint" (the file evaluated), "backend", "annotations", "num_prompts",
+  "skipped_images"}. A box model's metrics are bbox's: the 12 COCO stats (AP, AP50, ... ARl), per_class_AP,
+  per_class_AP_by_id, num_images, num_detections, empty, images_skipped. A mask model's (predictor.has_masks)
+  are {"bbox": {those stats}, "segm": {the same for the masks}, "images_skipped"}: masks binarized at
+  evaluate.mask_threshold are scored against the json's segmentations, which every annotation must then have.
 - detections.json: COCO results [{"image_id", "category_id", "bbox": [x, y, w, h], "score"}], each with
   "segmentation" (compressed RLE, str counts) for a mask model.
 
@@ -32,19 +34,17 @@ from groundlab.data.bad_images import BadImage, log_skipped
 from groundlab.data.collate import GroundingCollator
 from groundlab.data.grounding_dataset import GroundingDataset
 from groundlab.data.sources import load_split
-from groundlab.data.transforms import build_eval_transforms
 from groundlab.engine.devices import run_device
 from groundlab.eval.coco_eval import CocoEvaluator, write_results_json
 from groundlab.ops.masks import encode_masks
-from groundlab.predict.gdino import GDinoPredictor
+from groundlab.predict.backends import choose_backend, open_predictor, predictor_transforms
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> Dict[str, float]:
     ev = cfg.evaluate
-    if not ev.checkpoint:
-        raise ConfigError("evaluate.checkpoint is required (a groundlab .pth, an HF directory or an IDEA .pth).")
+    backend, model_file = choose_backend(ev, "evaluate")  # the settings are checked before the data loads
     split = "test" if cfg.dataset.test_data_sources.json_file and cfg.dataset.type != "synthetic" else "val"
     # The data is checked before the checkpoint loads. GT masks are not read here, even for a mask model: the
     # evaluator reads them from the json (and checks each one) and the dataset never decodes them.
@@ -54,9 +54,9 @@ def run(cfg: DictConfig) -> Dict[str, float]:
     source = sources[0]
     if source.category_ids is None:
         raise ConfigError(f"dataset.{split}_data_sources.json_file must be a COCO json (the ground truth).")
-    predictor = GDinoPredictor.from_checkpoint(cfg.model, ev.checkpoint, run_device(ev.num_gpus, ev.gpu_ids))
+    predictor = open_predictor(cfg.model, ev, "evaluate", run_device(ev.num_gpus, ev.gpu_ids))
     # every class is prompted by the predictor: the dataset only delivers images and ground truth
-    dataset = GroundingDataset([source], predictor.encoder, build_eval_transforms(cfg.dataset.augmentation),
+    dataset = GroundingDataset([source], predictor.encoder, predictor_transforms(cfg.dataset.augmentation, predictor),
                                train=False)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.dataset.batch_size, num_workers=cfg.dataset.workers,
                                          collate_fn=GroundingCollator(predictor.encoder, tokenize=False))
@@ -100,7 +100,7 @@ def run(cfg: DictConfig) -> Dict[str, float]:
     stats = dict(stats_by_type["bbox"]) if iou_types == ("bbox",) else dict(stats_by_type)
     stats["images_skipped"] = len(skipped)
     write_results_json(os.path.join(out_dir, "results.json"), stats,
-                       {"checkpoint": ev.checkpoint, "annotations": source.name,
+                       {"checkpoint": model_file, "backend": backend, "annotations": source.name,
                         "num_prompts": len(predictor.chunked(source.class_names).prompts),
                         "skipped_images": [b.as_dict() for b in skipped]})
     with open(os.path.join(out_dir, "detections.json"), "w") as f:

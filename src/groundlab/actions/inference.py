@@ -1,4 +1,5 @@
-"""action=inference for Grounding DINO: images from folders or tar archives, one class list for all images
+"""action=inference for Grounding DINO and Mask Grounding DINO (a checkpoint, inference.onnx_file or
+inference.trt_engine: predict/backends.py): images from folders or tar archives, one class list for all images
 (`raw`, chunked into several prompts when longer than max_text_len and merged back) or a caption per image
 (`coco_raw`, phrases decoded from token probabilities; images with different captions run as one batch).
 The predictor encodes each distinct prompt once and runs the backbone once per image.
@@ -31,11 +32,10 @@ from groundlab.data.odvg import read_label_map
 from groundlab.data.raw import (InferenceDataset, InferItem, caption_prompt, list_raw, open_sources, read_classmap,
                                 read_coco_raw)
 from groundlab.data.sources import synthetic_paths
-from groundlab.data.transforms import build_eval_transforms
 from groundlab.deploy.mask_overlay import draw_masked_detections
 from groundlab.deploy.writers import CocoResultsWriter, draw_detections, write_kitti
 from groundlab.engine.devices import run_device
-from groundlab.predict.gdino import GDinoPredictor
+from groundlab.predict.backends import choose_backend, open_predictor, predictor_transforms
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +82,11 @@ def _safe_relative(name: str) -> str:
 
 def run(cfg: DictConfig) -> Dict[str, float]:
     inf = cfg.inference
-    if not inf.checkpoint:
-        raise ConfigError("inference.checkpoint is required: a groundlab .pth, an HF Grounding DINO directory "
-                          "or an IDEA-Research .pth.")
-    predictor = GDinoPredictor.from_checkpoint(cfg.model, inf.checkpoint, run_device(inf.num_gpus, inf.gpu_ids))
+    choose_backend(inf, "inference")  # the settings are checked before anything loads
+    predictor = open_predictor(cfg.model, inf, "inference", run_device(inf.num_gpus, inf.gpu_ids))
     sources, items, class_names = inference_inputs(cfg)
     chunked = predictor.chunked(class_names) if class_names else None  # also checks every name fits a prompt
-    dataset = InferenceDataset(sources, items, build_eval_transforms(cfg.dataset.augmentation))
+    dataset = InferenceDataset(sources, items, predictor_transforms(cfg.dataset.augmentation, predictor))
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.dataset.batch_size, num_workers=cfg.dataset.workers,
                                          collate_fn=_collate)
     out_dir = os.path.join(cfg.results_dir, "inference")

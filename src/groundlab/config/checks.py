@@ -157,6 +157,13 @@ RULES: List[Tuple[str, Rule]] = [
     ("gen_trt_engine.tensorrt.min_batch_size", at_least(1)),
     ("gen_trt_engine.tensorrt.opt_batch_size", at_least(1)),
     ("gen_trt_engine.tensorrt.max_batch_size", at_least(1)),
+    ("evaluate.backend", one_of("torch", "onnxruntime", "tensorrt")),
+    ("inference.backend", one_of("torch", "onnxruntime", "tensorrt")),
+    # export (deploy/onnx_export.py)
+    ("export.input_height", at_least(32)),
+    ("export.input_width", at_least(32)),
+    ("export.batch_size", Rule(lambda v: v == -1 or v >= 1, "-1 (dynamic) or >= 1")),
+    ("export.opset_version", at_least(16)),  # GridSample (the deformable attention) is opset 16
     # action=visualize
     ("action.split", one_of("train", "val", "test")),
     ("action.num_images", at_least(0)),

@@ -1,5 +1,5 @@
 """Typed schemas of the `action` group and of the per-model action settings (`train`, `evaluate`,
-`inference`), keyed as TAO's specs (`train.num_epochs`, `train.optim.lr`, `evaluate.conf_threshold`).
+`inference`, `export`), keyed as TAO's specs (`train.num_epochs`, `train.optim.lr`, `evaluate.conf_threshold`).
 
 The `action` group picks what runs (`action=train`); the `train`/`evaluate`/`inference` groups hold
 that action's settings for the chosen model (selected by `${model}` in conf/config.yaml).
@@ -122,9 +122,13 @@ class MALTrainConfig:
 @dataclass
 class GDinoEvaluateConfig:
     """Grounding DINO and Mask Grounding DINO (one schema: mask_threshold is read only where the checkpoint has a
-    mask head; a box-only predictor ignores it)."""
+    mask head; a box-only predictor ignores it). The network runs from one of checkpoint / onnx_file / trt_engine
+    (predict/backends.py): `backend` picks among several given, else the one given decides."""
 
     checkpoint: Optional[str] = None
+    onnx_file: Optional[str] = None  # an exported graph (action=export), run with ONNX Runtime
+    trt_engine: Optional[str] = None  # a TensorRT engine (TAO's key)
+    backend: Optional[str] = None  # torch | onnxruntime | tensorrt; None: the one file given decides
     conf_threshold: float = 0.0
     nms_threshold: Optional[float] = None  # class-wise box NMS IoU over the merged detections; None: no NMS
     mask_threshold: float = 0.5  # mask models: a pixel is in the instance when its mask probability is >= this
@@ -145,9 +149,12 @@ class MALEvaluateConfig:
 
 @dataclass
 class GDinoInferenceConfig:
-    """Grounding DINO and Mask Grounding DINO (mask_threshold as in GDinoEvaluateConfig)."""
+    """Grounding DINO and Mask Grounding DINO (mask_threshold and the backend keys as in GDinoEvaluateConfig)."""
 
     checkpoint: Optional[str] = None
+    onnx_file: Optional[str] = None
+    trt_engine: Optional[str] = None
+    backend: Optional[str] = None
     conf_threshold: float = 0.5
     text_threshold: float = 0.25
     nms_threshold: Optional[float] = None
@@ -156,6 +163,21 @@ class GDinoInferenceConfig:
     outline_width: int = 3
     num_gpus: int = 1
     gpu_ids: List[int] = field(default_factory=lambda: [0])
+
+
+@dataclass
+class GDinoExportConfig:
+    """TAO's `export` keys for Grounding DINO and Mask Grounding DINO (deploy/onnx_export.py, actions/export.py)."""
+
+    checkpoint: Optional[str] = None
+    onnx_file: Optional[str] = None  # None: <results_dir>/<model>.onnx
+    input_height: int = 544
+    input_width: int = 960
+    batch_size: int = -1  # -1: dynamic batch
+    opset_version: int = 17
+    split_text_encoder: bool = False  # also <name>.text.onnx (tokens -> text features) and <name>.image.onnx
+    simplify: bool = False  # onnxslim the graphs (needs `pip install onnxslim`)
+    verbose: bool = False  # torch.onnx.export's verbose listing of the graph
 
 
 @dataclass

@@ -31,6 +31,7 @@ class RootConfig:
     inference: Any = MISSING
     quantize: Any = None  # post-training quantization (gdino, mask_gdino); absent for mal
     gen_trt_engine: Any = None  # TensorRT engine building (gdino, mask_gdino); absent for mal
+    export: Any = None  # models with an export (conf/export/<model>.yaml); None for the others
     seed: int = 42
     run_name: str = "default"  # the run dir is outputs/<model>/<action>/<run_name>: a rerun resumes there
     results_dir: str = "outputs"
@@ -55,6 +56,7 @@ SCHEMAS = [
     ("inference", "schema_mal", act.MALInferenceConfig),
     ("quantize", "schema_quantize", qnt.QuantizeConfig),
     ("gen_trt_engine", "schema_gen_trt_engine", trt.GenTrtEngineConfig),
+    ("export", "schema_gdino", act.GDinoExportConfig),
 ]
 
 

@@ -26,6 +26,11 @@ def pad_images(images: List[torch.Tensor], size_divisibility: int = 0):
     return batch, padding_mask
 
 
+def unpadded_sizes(padding_mask: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) padding mask of pad_images -> (B, 2) long (h, w) of each image without its padding."""
+    return torch.stack([(~padding_mask[:, :, 0]).sum(1), (~padding_mask[:, 0, :]).sum(1)], 1)
+
+
 class GroundingCollator:
     """Collate for DataLoader (runs in the workers, so tokenization is off the training loop).
 

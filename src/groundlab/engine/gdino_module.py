@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig
 
 from groundlab.data.bad_images import log_skipped
+from groundlab.data.collate import unpadded_sizes
 from groundlab.engine.module_base import GroundlabModule
 from groundlab.eval.coco_eval import CocoEvaluator
 from groundlab.models.gdino.build import build_gdino, criterion_for
@@ -124,7 +125,7 @@ class GDinoLightning(GroundlabModule):
             # every class fits one prompt, the one the targets' positive maps were made for: also a loss
             losses = self.criterion(outputs[0], batch["targets"])
             self.log("val_loss", self.criterion.weighted_total(losses), batch_size=len(sizes), sync_dist=True)
-        results = self.predictor.postprocess_chunks(outputs, sizes, chunked)
+        results = self.predictor.postprocess_chunks(outputs, sizes, unpadded_sizes(batch["padding_mask"]), chunked)
         for target, result in zip(batch["targets"], results):
             self.evaluator.update(int(target["image_id"]), {k: v.cpu() for k, v in result.items()},
                                   self.dm.val_category_ids)

@@ -3,7 +3,8 @@
 It owns loading a checkpoint of any supported layout (groundlab, HF transformers, IDEA-Research), the prompt
 encoder, the text cache (each distinct prompt encoded once), class lists split into prompts that fit
 max_text_len and merged back to global class ids, and post-processing to original-image pixels. A backend
-(predict/torch_backend.py: the contract) runs the network; ONNX Runtime and TensorRT backends plug in there.
+(predict/torch_backend.py: the contract) runs the network: PyTorch, ONNX Runtime (predict/onnx_backend.py) or
+TensorRT, chosen in predict/backends.py.
 
 Per batch of images the backbone runs once, however many prompt chunks a class list needs; images with
 different captions run as one batch.
@@ -17,6 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from omegaconf import DictConfig
 
+from groundlab.data.collate import unpadded_sizes
 from groundlab.models.gdino.build import BuiltModel, build_gdino
 from groundlab.models.gdino.postprocess import GroundingPostProcessor, merge_chunk_results, select_free_form
 from groundlab.predict.mask_paste import paste_query_masks
@@ -32,16 +34,18 @@ Result = Dict[str, torch.Tensor]
 
 
 class GDinoPredictor:
-    """backend: runs the network (TorchBackend ...); tokenizer: the text encoder's; num_select: (query, class)
-    pairs kept per image; class_names: the label map a checkpoint carried (or None).
+    """backend: runs the network (TorchBackend, OnnxRuntimeBackend, ...); tokenizer: the text encoder's; num_select:
+    (query, class) pairs kept per image; class_names: the label map a checkpoint (or an exported graph) carried.
 
     has_masks: the network has a mask head (mask_gdino); its results then also hold "masks" (K, H, W) bool at the
     original image size, binarized at mask_threshold. Grounding DINO has none and ignores mask_threshold."""
 
-    def __init__(self, backend: TorchBackend, tokenizer, num_select: int, device: torch.device,
+    def __init__(self, backend: Any, tokenizer, num_select: int, device: torch.device,
                  class_names: Optional[List[str]] = None, config: Optional[DictConfig] = None):
         self.backend, self.tokenizer, self.device = backend, tokenizer, torch.device(device)
         self.config = config  # the structural model config (what a checkpoint rebuilt)
+        # (H, W) every image must have (an exported graph's fixed size), None: any size (transforms: backends.py)
+        self.input_size: Optional[Tuple[int, int]] = getattr(backend, "input_size", None)
         self.encoder = PromptEncoder(tokenizer, backend.max_text_len)
         self.post = GroundingPostProcessor(num_select)
         self.texts = TextCache(backend.encode_text, self.encoder, self.device)
@@ -77,11 +81,13 @@ class GDinoPredictor:
         image = self.backend.encode_image(images.to(self.device), padding_mask.to(self.device))
         return [self.backend.detect(image, self.texts.get(p).text) for p in chunked.prompts]
 
-    def postprocess_chunks(self, outputs: Sequence[Dict[str, Any]], orig_sizes: torch.Tensor, chunked: ChunkedPrompts,
-                           nms_threshold: Optional[float] = None, mask_threshold: float = 0.5) -> List[Result]:
+    def postprocess_chunks(self, outputs: Sequence[Dict[str, Any]], orig_sizes: torch.Tensor, input_sizes: torch.Tensor,
+                           chunked: ChunkedPrompts, nms_threshold: Optional[float] = None,
+                           mask_threshold: float = 0.5) -> List[Result]:
         """Per image {"scores" (K,), "labels" (K,) global class index, "boxes" (K, 4) xyxy original pixels},
         float32, sorted by score, K <= num_select; with a mask head also "masks" (K, H, W) bool at the original
-        size (probability > mask_threshold), computed for those K detections only."""
+        size (probability > mask_threshold), computed for those K detections only. orig_sizes, input_sizes: (B, 2)
+        (h, w) of the originals and of the images in the network input without padding (unpadded_sizes)."""
         sizes = orig_sizes.to(self.device)
         per_chunk = []
         with torch.autocast(self.device.type, enabled=False):  # scores in fp32 also under bf16/fp16 autocast
@@ -92,7 +98,7 @@ class GDinoPredictor:
             if self.has_masks:
                 for b, result in enumerate(results):
                     result["masks"] = paste_query_masks(outputs, b, result["chunks"], result["queries"],
-                                                        sizes[b], mask_threshold)
+                                                        input_sizes[b], sizes[b], mask_threshold)
         return [{k: v for k, v in r.items() if k not in ("queries", "chunks")} for r in results]
 
     def detect_classes(self, images: torch.Tensor, padding_mask: torch.Tensor, orig_sizes: torch.Tensor,
@@ -101,8 +107,8 @@ class GDinoPredictor:
         """images (B, 3, H, W) normalized, padding_mask (B, H, W), orig_sizes (B, 2) (h, w): detections over
         the whole class list (labels index class_names); "masks" as postprocess_chunks gives them."""
         chunked = self.chunked(class_names)
-        return self.postprocess_chunks(self.run_chunks(images, padding_mask, chunked), orig_sizes, chunked,
-                                       nms_threshold, mask_threshold)
+        return self.postprocess_chunks(self.run_chunks(images, padding_mask, chunked), orig_sizes,
+                                       unpadded_sizes(padding_mask), chunked, nms_threshold, mask_threshold)
 
     def detect_captions(self, images: torch.Tensor, padding_mask: torch.Tensor, orig_sizes: torch.Tensor,
                         prompts: Sequence[Prompt], box_threshold: float, text_threshold: float,
@@ -116,7 +122,7 @@ class GDinoPredictor:
         image = self.backend.encode_image(images.to(self.device), padding_mask.to(self.device))
         raw = self.backend.detect(image, text)
         out = {"pred_logits": raw["pred_logits"].float(), "pred_boxes": raw["pred_boxes"].float()}
-        sizes = orig_sizes.to(self.device)
+        sizes, input_sizes = orig_sizes.to(self.device), unpadded_sizes(padding_mask)
         results = []
         with torch.autocast(self.device.type, enabled=False):
             for b, e in enumerate(encoded):
@@ -125,7 +131,7 @@ class GDinoPredictor:
                                           text_threshold)[0]
                 queries = result.pop("queries")
                 if self.has_masks:
-                    result["masks"] = paste_query_masks([raw], b, torch.zeros_like(queries), queries, sizes[b],
-                                                        mask_threshold)
+                    result["masks"] = paste_query_masks([raw], b, torch.zeros_like(queries), queries,
+                                                        input_sizes[b], sizes[b], mask_threshold)
                 results.append(result)
         return results

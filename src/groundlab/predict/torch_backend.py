@@ -13,7 +13,12 @@ writers are the predictor's, shared by every backend. Its contract:
 - `detect(image, text) -> {"pred_logits": (B, Q, max_text_len), "pred_boxes": (B, Q, 4) cxcywh in [0, 1]}`
   (this backend also returns the model's auxiliary outputs, which validation's loss uses). A text of batch 1 is
   broadcast over the images. With `has_masks`, also MaskGroundingDINO's "mask_features", "mask_stride",
-  "image_sizes", "mask_params" and "mask_refs" (models/mask_gdino/dynamic_mask.query_masks reads them).
+  "image_sizes", "mask_params" and "mask_refs" (models/mask_gdino/dynamic_mask.query_masks reads them); a graph
+  backend returns every query's stride-4 mask logits as "pred_masks" (B, Q, H/4, W/4) instead.
+- `input_size`: None, or the (H, W) every image must have (an exported graph's; the predictor's transforms
+  resize to it and its batches then hold no padding).
+- `max_text_len`, `has_masks`: the network's. A graph backend also has `info` (graph_contract.GraphInfo: the
+  model facts stored in the graph, e.g. num_select, class names, text encoder).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ class TorchBackend:
     """model: a GroundingDINO (eval mode is the caller's choice: validation runs it inside training)."""
 
     name = "torch"
+    input_size = None  # any image size (padded batches): an exported graph has a fixed (H, W) here
 
     def __init__(self, model: GroundingDINO):
         self.model = model

@@ -11,7 +11,7 @@ text length L, for a batch range [min, max]:
 - `encode_image(images, padding_mask)`: the (B, 3, H, W) float images on the GPU; the engine has no padding mask,
   so images must arrive at exactly H x W (dataset.augmentation.fixed_input_size=[H, W]).
 - `detect(image, text)`: {"pred_logits": (B, Q, L) float32, "pred_boxes": (B, Q, 4) float32 cxcywh in [0, 1]},
-  CUDA tensors; with a mask head also "pred_masks" (B, Q, H/4, W/4) mask logits and "image_sizes" (B, 2) (H, W)
+  CUDA tensors; with a mask head also "pred_masks" (B, Q, H/4, W/4) mask logits
   (what predict/mask_paste.py reads). A text of batch 1 is broadcast over the images.
 
 What the engine's tensors do not say (text encoder, num_select, label map) comes from `<engine>.json`
@@ -22,12 +22,13 @@ TensorRT, an engine this TensorRT cannot load, a batch outside the engine's rang
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from groundlab.errors import DataError, MissingFile, UserError
 from groundlab.predict.deploy_meta import DeployMeta, sidecar_path
+from groundlab.predict.graph_contract import GraphInfo
 
 TEXT_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids", "text_token_mask")
 INPUTS = ("inputs",) + TEXT_INPUTS
@@ -105,6 +106,19 @@ class TensorRTBackend:
 
     # ------------------------------------------------------------------------------------ the contract
     @property
+    def input_size(self) -> Tuple[int, int]:
+        """(H, W) every image must have: the engine's fixed input size."""
+        return int(self.height), int(self.width)
+
+    @property
+    def info(self) -> GraphInfo:
+        """The engine's facts as predict/backends.py reads them of any exported network."""
+        m = self.meta
+        return GraphInfo(model="mask_gdino" if m.has_masks else "gdino", max_text_len=int(m.max_text_len),
+                         num_select=int(m.num_select), text_encoder_type=str(m.text_encoder_type),
+                         has_masks=bool(m.has_masks), class_names=m.class_names, input_size=self.input_size)
+
+    @property
     def max_text_len(self) -> int:
         """The engine's text length: prompts are chunked to fit it."""
         return self.text_len
@@ -146,8 +160,6 @@ class TensorRTBackend:
                   "pred_boxes": outputs["pred_boxes"].float()}
         if self.has_masks:
             result["pred_masks"] = outputs["pred_masks"].float()
-            result["image_sizes"] = torch.tensor([[self.height, self.width]], device=self.device,
-                                                 dtype=torch.float32).expand(B, 2)
         return result
 
     def _execute(self, feeds: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

@@ -170,8 +170,12 @@ class SwinBlock(nn.Module):
         self._cache: Dict[tuple, Tuple[WindowIndex, Optional[torch.Tensor]]] = {}
 
     def _windows(self, h: int, w: int, x: torch.Tensor) -> Tuple[WindowIndex, Optional[torch.Tensor]]:
-        """Window index and shift mask (num_windows, 1, N, N) or None, built once per map size."""
-        key = (h, w, x.device, x.dtype)
+        """Window index and shift mask (num_windows, 1, N, N) or None, built once per map size.
+
+        Entries built under torch.inference_mode() are inference tensors, which autograd refuses to save (a
+        trace for ONNX export runs the gathers with grad on): they are kept apart from the ones built outside
+        it, so a process can run inference and then train or export at the same size."""
+        key = (h, w, x.device, x.dtype, torch.is_inference_mode_enabled())
         if key not in self._cache:
             ws = self.window
             mask = None

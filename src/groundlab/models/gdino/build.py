@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from groundlab.config import ConfigError
 from groundlab.config.schema_model import GDinoModelConfig
 from groundlab.errors import MissingFile
 from groundlab.models.checkpoint import is_groundlab_checkpoint, save_checkpoint
@@ -31,6 +32,8 @@ class BuiltModel:
     class_names: Optional[List[str]]  # label map stored in a groundlab checkpoint
     report: Optional[LoadReport]
 
+
+GDINO_MODELS = ("gdino", "mask_gdino")  # the groundlab checkpoints this builder reads
 
 # keys older groundlab checkpoints carry that no code reads any more (removed, not renamed)
 RETIRED_MODEL_KEYS = ("num_mask_points",)
@@ -93,6 +96,9 @@ def build_gdino(model_cfg: DictConfig, checkpoint: Optional[str] = None) -> Buil
         raise MissingFile(f"checkpoint not found: {path}")
     obj = None if hf_weights_file(path) else torch.load(path, map_location="cpu", weights_only=True)
     if is_groundlab_checkpoint(obj):
+        if obj.get("model_name", "gdino") not in GDINO_MODELS:
+            raise ConfigError(f"{path} is a model={obj.get('model_name')} checkpoint; model=gdino and model=mask_gdino "
+                              f"read Grounding DINO checkpoints (run it with model={obj.get('model_name')}).")
         cfg = typed_model_config(obj["model_config"])
         bert = _bert_from_config(obj["text_config"]) if obj.get("text_config") else None
         if bert is None:

@@ -5,9 +5,27 @@ way through: decoder self-attention, -inf logits, no matching, no loss, never po
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from contextlib import contextmanager
+from typing import Iterator, List, Optional, Tuple
 
 import torch
+
+# the ranks another implementation chose (fixed_selection), else None: select_topk ranks the scores itself
+_fixed_index: Optional[torch.Tensor] = None
+
+
+@contextmanager
+def fixed_selection(index: torch.Tensor) -> Iterator[None]:
+    """Within this block select_topk returns `index` (B, n) instead of ranking the scores. Proposals whose scores
+    are tied within float noise rank differently in two implementations (PyTorch and an exported graph), and each
+    rank has its own learned content query, so their outputs are comparable only under the same selection: the
+    export check runs PyTorch with ONNX Runtime's (deploy/onnx_verify.py)."""
+    global _fixed_index
+    previous, _fixed_index = _fixed_index, index
+    try:
+        yield
+    finally:
+        _fixed_index = previous
 
 
 def encoder_proposals(memory: torch.Tensor, padding_mask: torch.Tensor, spatial_shapes: List[Tuple[int, int]]):
@@ -53,7 +71,12 @@ def select_topk(scores: torch.Tensor, padding_mask: torch.Tensor, k: int) -> Tup
     # S follows from the image size, which an exported graph fixes (only the batch is dynamic): the tracer's
     # warning that it becomes a constant is expected
     n = min(k, int(best.shape[1]))
-    index = torch.topk(best, n, dim=1)[1]
+    if _fixed_index is not None:
+        index = _fixed_index.to(best.device)
+    elif torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        index = torch.topk(best, n, dim=1)[1]  # ONNX TopK breaks ties by the lower index
+    else:  # the same tie-break (torch.topk's is unspecified): exactly tied proposals rank as in an exported graph
+        index = torch.sort(best, dim=1, descending=True, stable=True)[1][:, :n]
     real = ~torch.gather(padding_mask, 1, index)
     if n < k:  # fewer tokens than queries
         index = torch.cat([index, index.new_zeros(index.shape[0], k - n)], 1)

@@ -41,8 +41,8 @@ def split_params(params: Tensor, mask_dim: int, channels: int = DYNAMIC_CHANNELS
     parts = torch.split(params, weights + biases, dim=1)
     ins = [mask_dim + 2, channels, channels]
     outs = [channels, channels, 1]
-    K = params.shape[0]
-    return [(parts[i].reshape(K, outs[i], ins[i]), parts[3 + i].reshape(K, outs[i], 1)) for i in range(3)]
+    # -1, not K: a traced graph (ONNX export of every query's mask) keeps K = batch x queries dynamic
+    return [(parts[i].reshape(-1, outs[i], ins[i]), parts[3 + i].reshape(-1, outs[i], 1)) for i in range(3)]
 
 
 def cell_centres(h: int, w: int, stride: int, device, dtype) -> Tensor:
@@ -91,5 +91,5 @@ def query_masks(outputs: Dict[str, Tensor], batch_idx: Tensor, query_idx: Tensor
         x = torch.baddbmm(bias, weight, x)
         if i < len(layers) - 1:
             x = F.relu(x)
-    logits = x.view(K, 1, H, W)
+    logits = x.view(-1, 1, H, W)  # K, kept symbolic for traced graphs
     return aligned_bilinear(logits, stride // MASK_OUT_STRIDE)[:, 0]

@@ -1,0 +1,201 @@
+"""ONNX export of Grounding DINO and Mask Grounding DINO with TAO's input and output names (predict/graph_contract.py
+has the contract: names, shapes, dtypes, the split text / image graphs and the metadata stored with them).
+
+The graphs are traced (torch.onnx's TorchScript exporter) from thin wrappers around the model, so the model itself
+is never patched: deformable attention takes its grid_sample path under tracing (models/common/ms_deform_attn.py;
+TensorRT has GridSample, no custom op is needed), and constant folding leaves TopK with a fixed K. The images have
+no padding input: the graph runs exactly H x W inputs, as TAO's deploy does. Mask Grounding DINO's `pred_masks`
+holds every query's stride-4 mask logits (TAO's contract), computed in the wrapper by the same parameter-free
+`query_masks` that training and the PyTorch predictor use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from groundlab.config import ConfigError
+from groundlab.models.gdino.model import GroundingDINO
+from groundlab.models.mask_gdino.dynamic_mask import query_masks
+from groundlab.models.mask_gdino.model import MaskGroundingDINO
+from groundlab.predict.graph_contract import (
+    IMAGE_GRAPH_INPUTS, INPUTS, MASK_OUTPUT, METADATA_KEY, OUTPUTS, TEXT_GRAPH_INPUTS, TEXT_GRAPH_OUTPUTS, GraphInfo,
+    split_graph_paths,
+)
+
+log = logging.getLogger(__name__)
+
+
+def every_query_mask(out: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, Q, H/4, W/4) stride-4 mask logits of every (image, query) pair of MaskGroundingDINO's outputs; B and Q
+    stay symbolic in a traced graph."""
+    params = out["mask_params"]
+    B, Q = params.shape[:2]
+    images = torch.arange(B, device=params.device)[:, None].expand(B, Q).reshape(-1)
+    queries = torch.arange(Q, device=params.device)[None, :].expand(B, Q).reshape(-1)
+    masks = query_masks(out, images, queries)
+    return masks.view(B, Q, masks.shape[-2], masks.shape[-1])
+
+
+def _outputs(model: GroundingDINO, out: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+    result = (out["pred_logits"], out["pred_boxes"])
+    if isinstance(model, MaskGroundingDINO):
+        result += (every_query_mask(out),)
+    return result
+
+
+class FullGraph(nn.Module):
+    """TAO's graph: images and tokens -> pred_logits, pred_boxes (, pred_masks)."""
+
+    def __init__(self, model: GroundingDINO):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs, input_ids, attention_mask, position_ids, token_type_ids, text_token_mask):
+        out = self.model(inputs, input_ids, attention_mask, token_type_ids, position_ids, text_token_mask)
+        return _outputs(self.model, out)
+
+
+class TextGraph(nn.Module):
+    """Tokens -> text_features (B, L, hidden_dim): BERT with the sub-sentence mask, projected (encode_text). BERT
+    attends by the sub-sentence mask alone, so attention_mask is no input here (the image graph takes it)."""
+
+    def __init__(self, model: GroundingDINO):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, position_ids, token_type_ids, text_token_mask):
+        unused = torch.ones_like(input_ids, dtype=torch.bool)  # becomes encode_text's text_token_mask, not returned
+        return self.model.encode_text(input_ids, unused, token_type_ids, position_ids, text_token_mask)["text"]
+
+
+class ImageGraph(nn.Module):
+    """Images and text_features (with the token masks they came with) -> the full graph's outputs."""
+
+    def __init__(self, model: GroundingDINO):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs, text_features, attention_mask, position_ids, text_token_mask):
+        text = {"text": text_features, "text_token_mask": attention_mask, "text_self_attention_mask": text_token_mask,
+                "position_ids": position_ids}
+        return _outputs(self.model, self.model.forward_with_text(inputs, text))
+
+
+@dataclass
+class ExportedGraph:
+    """One written graph: its kind ("full" | "text" | "image"), path, names and the example inputs it was traced
+    with (the export action checks onnxruntime against PyTorch on them)."""
+
+    kind: str
+    path: str
+    module: nn.Module
+    input_names: Sequence[str]
+    output_names: Sequence[str]
+    example: Dict[str, torch.Tensor]
+
+
+def output_names(model: GroundingDINO) -> List[str]:
+    return list(OUTPUTS) + ([MASK_OUTPUT] if isinstance(model, MaskGroundingDINO) else [])
+
+
+def check_simplifier(simplify: bool) -> None:
+    """ConfigError, before any work, when export.simplify asks for onnxslim and it is not installed."""
+    if simplify:
+        try:
+            import onnxslim  # noqa: F401
+        except ImportError:
+            raise ConfigError("export.simplify=true needs onnxslim, which is not installed (pip install onnxslim, "
+                              "or set export.simplify=false).") from None
+
+
+def _fix_output_dims(proto, shapes: Dict[str, Tuple[int, ...]], dynamic_batch: bool) -> None:
+    """Give every output dim but a dynamic batch its size: the tracer leaves sizes it computed symbolic (e.g.
+    pred_masks' queries and H/4, W/4), which TensorRT and DeepStream would have to resolve at build time."""
+    for output in proto.graph.output:
+        dims = output.type.tensor_type.shape.dim
+        for i, size in enumerate(shapes[output.name]):
+            if i == 0 and dynamic_batch:
+                continue
+            dims[i].Clear()
+            dims[i].dim_value = int(size)
+
+
+def _write(graph: ExportedGraph, dynamic_batch: bool, opset: int, verbose: bool, info: GraphInfo,
+           simplify: bool) -> None:
+    import onnx
+
+    names = list(graph.input_names) + list(graph.output_names)
+    args = tuple(graph.example[n] for n in graph.input_names)
+    with torch.no_grad():
+        outputs = graph.module.eval()(*args)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    shapes = {n: tuple(o.shape) for n, o in zip(graph.output_names, outputs)}
+    os.makedirs(os.path.dirname(os.path.abspath(graph.path)), exist_ok=True)
+    # eval() on the wrapper: the exporter restores the wrapper's mode, recursively, when it is done
+    torch.onnx.export(graph.module.eval(), args, graph.path, input_names=list(graph.input_names),
+                      output_names=list(graph.output_names), opset_version=opset, do_constant_folding=True,
+                      dynamic_axes={n: {0: "batch_size"} for n in names} if dynamic_batch else None,
+                      verbose=verbose, dynamo=False)
+    proto = onnx.load(graph.path)
+    if simplify:
+        import onnxslim
+
+        proto = onnxslim.slim(proto)  # fewer nodes, same arithmetic (its documented in-script use)
+    _fix_output_dims(proto, shapes, dynamic_batch)
+    del proto.metadata_props[:]
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, info.to_json()
+    onnx.checker.check_model(proto, full_check=True)  # the ONNX checker, shape inference included
+    onnx.save(proto, graph.path)
+
+
+def export_gdino(model: GroundingDINO, info: GraphInfo, onnx_file: str, example: Dict[str, torch.Tensor],
+                 dynamic_batch: bool = True, opset: int = 17, split_text_encoder: bool = False,
+                 simplify: bool = False, verbose: bool = False) -> List[ExportedGraph]:
+    """Write the full graph to `onnx_file` and, with split_text_encoder, also `<stem>.text.onnx` and
+    `<stem>.image.onnx`; each is checked by the ONNX checker and carries `info` (its kind and, for the image
+    graph, its text graph's name). example: the full graph's six inputs by name (the trace's shapes: H, W and,
+    for a fixed batch, B are fixed by them). Returns the graphs written, full first."""
+    check_simplifier(simplify)
+    model = model.eval()
+    if dynamic_batch and example["inputs"].shape[0] == 1:
+        # traced at batch 1, torch's MultiheadAttention folds the batch into constant shapes (the graph then
+        # fails at batch 2): a dynamic-batch graph is traced at batch 2
+        example = {k: torch.cat([v, v]) for k, v in example.items()}
+    names = output_names(model)
+    graphs = [ExportedGraph("full", onnx_file, FullGraph(model), INPUTS, names, example)]
+    if split_text_encoder:
+        text_path, image_path = split_graph_paths(onnx_file)
+        with torch.no_grad():
+            features = TextGraph(model)(*(example[n] for n in TEXT_GRAPH_INPUTS))
+        graphs.append(ExportedGraph("text", text_path, TextGraph(model), TEXT_GRAPH_INPUTS, TEXT_GRAPH_OUTPUTS,
+                                    {n: example[n] for n in TEXT_GRAPH_INPUTS}))
+        graphs.append(ExportedGraph("image", image_path, ImageGraph(model), IMAGE_GRAPH_INPUTS, names,
+                                    {**{n: example[n] for n in IMAGE_GRAPH_INPUTS if n in example},
+                                     "text_features": features}))
+    text_name = os.path.basename(graphs[1].path) if split_text_encoder else None
+    for graph in graphs:
+        kind_info = dataclasses.replace(info, kind=graph.kind, text_graph=text_name if graph.kind == "image" else None)
+        log.info("exporting the %s graph to %s", graph.kind, graph.path)
+        _write(graph, dynamic_batch, opset, verbose, kind_info, simplify)
+    return graphs
+
+
+def graph_info(model: GroundingDINO, model_config: Dict, class_names: Optional[List[str]],
+               input_size: Tuple[int, int], batch_size: Optional[int]) -> GraphInfo:
+    """The facts a predictor reads back from an exported graph (kind "full"; export_gdino sets each graph's)."""
+    return GraphInfo(model=model_config.get("name") or ("mask_gdino" if isinstance(model, MaskGroundingDINO)
+                                                        else "gdino"),
+                     max_text_len=int(model.max_text_len), num_select=int(model_config["num_select"]),
+                     text_encoder_type=str(model_config["text_encoder_type"]),
+                     has_masks=isinstance(model, MaskGroundingDINO),
+                     class_names=list(class_names) if class_names else None,
+                     input_size=(int(input_size[0]), int(input_size[1])), batch_size=batch_size,
+                     model_config=model_config)

@@ -1,0 +1,126 @@
+"""The contract of an exported Grounding DINO graph, shared by the export (deploy/onnx_export.py), the ONNX Runtime
+backend (predict/onnx_backend.py) and a TensorRT backend: tensor names and dtypes as TAO's export writes them (so
+DeepStream configs and TAO engines carry over), the split text / image graphs, and the model facts stored with the
+file.
+
+Full graph (`<name>.onnx`), B images, L = model.max_text_len (text always padded to L, TAO's pad_to_max):
+
+| input | shape | dtype | meaning |
+|---|---|---|---|
+| `inputs` | (B, 3, H, W) | float32 | images resized to exactly H x W, mean/std normalized; no padding input |
+| `input_ids` | (B, L) | int64 | token ids, 0 after the prompt |
+| `attention_mask` | (B, L) | bool | True on the prompt's tokens |
+| `position_ids` | (B, L) | int64 | per-phrase positions (restart at 0 after each delimiter) |
+| `token_type_ids` | (B, L) | int64 | zeros |
+| `text_token_mask` | (B, L, L) | bool | the sub-sentence self-attention mask (padding attends to itself) |
+
+outputs `pred_logits` (B, Q, L) float32 (-inf on padding tokens and padded queries), `pred_boxes` (B, Q, 4) cxcywh in
+[0, 1], and for Mask Grounding DINO `pred_masks` (B, Q, H/4, W/4): stride-4 mask logits of every query.
+
+Split export (`export.split_text_encoder`), so a fixed class list is encoded once:
+- `<name>.text.onnx`: `input_ids`, `position_ids`, `token_type_ids`, `text_token_mask` -> `text_features`
+  (B, L, hidden_dim) float32, the BERT output projected to the detector's width (BERT attends by the sub-sentence
+  mask alone: `attention_mask` goes to the image graph);
+- `<name>.image.onnx`: `inputs`, `text_features`, `attention_mask`, `position_ids`, `text_token_mask` -> the full
+  graph's outputs.
+
+Each groundlab graph carries GraphInfo as json under the ONNX metadata key "groundlab", so evaluate / inference
+need no model config; a foreign graph (TAO's) is read with the config's model keys instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+IMAGE_INPUT = "inputs"
+TEXT_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids", "text_token_mask")
+INPUTS = (IMAGE_INPUT,) + TEXT_INPUTS
+OUTPUTS = ("pred_logits", "pred_boxes")
+MASK_OUTPUT = "pred_masks"
+INPUT_DTYPES = {"inputs": np.float32, "input_ids": np.int64, "attention_mask": np.bool_, "position_ids": np.int64,
+                "token_type_ids": np.int64, "text_token_mask": np.bool_, "text_features": np.float32}
+
+# the shape of each input, as one-line descriptions (a foreign graph's input ranks are checked against them)
+INPUT_SHAPES = {"inputs": "(B, 3, H, W)", "input_ids": "(B, L)", "attention_mask": "(B, L)", "position_ids": "(B, L)",
+                "token_type_ids": "(B, L)", "text_token_mask": "(B, L, L)", "text_features": "(B, L, C)"}
+
+TEXT_FEATURES = "text_features"
+TEXT_GRAPH_INPUTS = ("input_ids", "position_ids", "token_type_ids", "text_token_mask")
+TEXT_GRAPH_OUTPUTS = (TEXT_FEATURES,)
+IMAGE_GRAPH_INPUTS = (IMAGE_INPUT, TEXT_FEATURES, "attention_mask", "position_ids", "text_token_mask")
+# the graph inputs of each kind of graph ("full": the TAO graph)
+GRAPH_INPUTS = {"full": INPUTS, "text": TEXT_GRAPH_INPUTS, "image": IMAGE_GRAPH_INPUTS}
+
+METADATA_KEY = "groundlab"
+
+
+@dataclass
+class GraphInfo:
+    """What a predictor needs to know about a graph besides its tensors.
+
+    kind: "full" | "text" | "image"; input_size: (H, W) the graph was exported for (None: any size); batch_size:
+    the fixed batch (None: dynamic); text_graph: an image graph's text graph, a file name next to it."""
+
+    model: str  # gdino | mask_gdino
+    max_text_len: int
+    num_select: int
+    text_encoder_type: str
+    has_masks: bool
+    class_names: Optional[List[str]] = None
+    input_size: Optional[Tuple[int, int]] = None
+    batch_size: Optional[int] = None
+    kind: str = "full"
+    text_graph: Optional[str] = None
+    model_config: Dict[str, Any] = field(default_factory=dict)  # the structural model config, plain values
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "GraphInfo":
+        fields = json.loads(text)
+        if fields.get("input_size") is not None:
+            fields["input_size"] = tuple(fields["input_size"])
+        return cls(**fields)
+
+
+def split_graph_paths(onnx_file: str) -> Tuple[str, str]:
+    """(text graph, image graph) paths of a split export named after `onnx_file`: a.onnx -> a.text.onnx and
+    a.image.onnx."""
+    stem = onnx_file[:-5] if onnx_file.endswith(".onnx") else onnx_file
+    return f"{stem}.text.onnx", f"{stem}.image.onnx"
+
+
+def text_graph_path(image_graph: str, info: GraphInfo) -> str:
+    """The text graph that goes with an image graph (stored by name, looked up next to it)."""
+    return os.path.join(os.path.dirname(os.path.abspath(image_graph)), info.text_graph or "")
+
+
+def graph_tokens(tokens: Dict[str, torch.Tensor], max_text_len: int) -> Dict[str, torch.Tensor]:
+    """PromptEncoder.encode's tensors (B, L <= max_text_len) -> the five text inputs of the contract, padded to
+    max_text_len: padding has id 0, attention_mask False, position 0 and attends only to itself (so the prompt's
+    tokens compute exactly what they compute unpadded)."""
+    ids = tokens["input_ids"]
+    B, L = ids.shape
+    pad = max_text_len - L
+    if pad < 0:
+        raise ValueError(f"a prompt of {L} tokens is longer than the graph's max_text_len={max_text_len}")
+    F = torch.nn.functional
+    out = {
+        "input_ids": F.pad(ids, (0, pad)).long(),
+        "attention_mask": F.pad(tokens["attention_mask"], (0, pad)).bool(),
+        "position_ids": F.pad(tokens["position_ids"], (0, pad)).long(),
+        "token_type_ids": F.pad(tokens["token_type_ids"], (0, pad)).long(),
+    }
+    mask = F.pad(tokens["text_self_attention_mask"].bool(), (0, pad, 0, pad), value=False)
+    if pad:
+        idx = torch.arange(L, max_text_len, device=mask.device)
+        mask[:, idx, idx] = True
+    out["text_token_mask"] = mask
+    return out
