@@ -448,8 +448,64 @@ def test_an_exported_model_evaluates_to_its_checkpoints_map(compose, tmp_path, e
     assert all(len(s) == len(by_image[1][i]) for i, s in by_image[0].items())
     same = [i for i, s in by_image[0].items() if np.allclose(sorted(s), sorted(by_image[1][i]), atol=1e-4)]
     assert len(same) >= 30, sorted(set(by_image[0]) - set(same))
+    if model == "gdino":  # the same trained model quantizes: ONNX Runtime INT8 of the graph, ModelOpt of the model
+        _quantizes(compose, base, onnx_file, ckpt, ort_map, tmp_path)
     if model == "mask_gdino":
         run_action(compose(base + ["action=inference", f"inference.onnx_file={onnx_file}",
                                    "inference.conf_threshold=0.0"], results_dir=str(tmp_path / "inf")))
         detections = json.loads((tmp_path / "inf" / "inference" / "results.json").read_text())
         assert detections and all("segmentation" in d for d in detections)
+
+
+def _quantizes(compose, base, onnx_file, ckpt, float_map, tmp_path):
+    """action=quantize on a trained model: the int8 graph has Q/DQ pairs except in the skipped parts, evaluates
+    within 0.05 mAP50 of float, and results.json reports both and the delta; for both backends."""
+    calib = ["quantize.num_calibration_batches=4", "export.input_height=128", "export.input_width=160"]
+    for backend, model_path in (("onnxruntime", onnx_file), ("modelopt.pytorch", ckpt)):
+        out = tmp_path / f"q_{backend}"
+        metrics = run_action(compose(base + calib + ["action=quantize", f"quantize.model_path={model_path}",
+                                                     f"quantize.backend={backend}"], results_dir=str(out)))
+        results = json.loads((out / "quantize" / "results.json").read_text())
+        print(backend, results["float"]["mAP50"], results["quantized"]["mAP50"], results["summary"])
+        assert results["delta"]["mAP50"] == pytest.approx(metrics["delta_mAP50"])
+        assert results["float"]["mAP50"] == pytest.approx(float_map["mAP50"], abs=0.005)
+        assert abs(metrics["delta_mAP50"]) <= 0.05, results
+        graph = onnx.load(results["quantized_onnx"])
+        ops = {n.op_type for n in graph.graph.node}
+        assert {"QuantizeLinear", "DequantizeLinear"} <= ops, backend
+        quantized = {n.name for n in graph.graph.node if n.op_type == "DequantizeLinear"}
+        assert quantized and not any("class_embed" in n or "bbox_embed" in n for n in quantized), backend
+
+
+def test_quantize_settings_fail_in_one_sentence(compose, tmp_path):
+    base = ["experiment=quickstart", *TINY_GDINO, "action=quantize"]
+    with pytest.raises(ConfigError, match="quantize.model_path is required"):
+        run_action(compose(base, results_dir=str(tmp_path / "a")))
+    with pytest.raises(ConfigError, match="makes int8 graphs only"):
+        run_action(compose(base + [f"quantize.model_path={tmp_path / 'm.onnx'}",
+                                   "quantize.layers=[{module_name: '*', weights: {dtype: fp8_e4m3fn}, "
+                                   "activations: {dtype: fp8_e4m3fn}}]"], results_dir=str(tmp_path / "b")))
+    with pytest.raises(ConfigError, match="quantizes the PyTorch model"):
+        run_action(compose(base + [f"quantize.model_path={tmp_path / 'm.onnx'}", "quantize.backend=modelopt.pytorch"],
+                           results_dir=str(tmp_path / "c")))
+
+
+def test_modelopt_config_maps_taos_keys():
+    from groundlab.deploy.modelopt_quantize import modelopt_config
+
+    layers = [{"module_name": "*", "weights": {"dtype": "int8"}, "activations": {"dtype": "int8"}},
+              {"module_name": "transformer.decoder", "weights": {"dtype": "fp8_e4m3fn"},
+               "activations": {"dtype": "fp8_e4m3fn"}}]
+    cfg = modelopt_config(layers, ["*bert*"], "minmax")
+    entries = {e["quantizer_name"]: e for e in cfg["quant_cfg"]}
+    assert cfg["algorithm"] == "max" and entries["*"]["enable"] is False
+    assert entries["*weight_quantizer"]["cfg"] == {"num_bits": 8, "axis": 0}
+    assert entries["*input_quantizer"]["cfg"] == {"num_bits": 8, "axis": None}
+    assert entries["transformer.decoder.*weight_quantizer"]["cfg"] == {"num_bits": (4, 3), "axis": None}
+    assert entries["*bert*"] == {"quantizer_name": "*bert*", "enable": False}
+    assert cfg["quant_cfg"][-1]["quantizer_name"] == "*bert*"  # skips come last, so they win
+    weight_only = modelopt_config(layers[:1], [], "max", weight_only=True)
+    assert not any(e["quantizer_name"].endswith("input_quantizer") for e in weight_only["quant_cfg"][1:])
+    with pytest.raises(ValueError, match="quantize.layers\\[0\\].weights.dtype='int4'"):
+        modelopt_config([{"module_name": "*", "weights": {"dtype": "int4"}, "activations": {"dtype": "int8"}}], [],
+                        "max")

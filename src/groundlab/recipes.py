@@ -32,6 +32,9 @@ RECIPES: Dict[Tuple[str, str], str] = {
     ("gdino", "gen_trt_engine"): "groundlab.actions.gen_trt_engine:run",
     ("mask_gdino", "gen_trt_engine"): "groundlab.actions.gen_trt_engine:run",
     ("mask_gdino", "export"): "groundlab.actions.export:run",
+    # post-training quantization to an int8 Q/DQ graph, evaluated against the float one
+    ("gdino", "quantize"): "groundlab.actions.quantize:run",
+    ("mask_gdino", "quantize"): "groundlab.actions.quantize:run",
     ("mal", "train"): "groundlab.actions.train:train_mal",
     ("mal", "evaluate"): "groundlab.actions.mal_evaluate:run",
     ("mal", "inference"): "groundlab.actions.mal_inference:run",
@@ -44,7 +47,7 @@ ACTION_HELP = {
     "inference": "predictions on images or boxes: annotated images, KITTI / COCO json, masks",
     "visualize": "draw a dataset's ground truth as the data pipeline delivers it",
     "export": "ONNX export (TAO names, dynamic batch), checked in onnxruntime against PyTorch",
-    "quantize": "INT8 / FP8 quantization (planned)",
+    "quantize": "INT8 post-training quantization (ONNX Runtime, ModelOpt): a Q/DQ graph, its mAP vs float",
     "gen_trt_engine": "TensorRT engine from an ONNX file, FP32/FP16/FP8/INT8 (action=trt is the same)",
 }
 

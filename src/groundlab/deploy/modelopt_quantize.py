@@ -14,6 +14,8 @@ This module maps TAO's `quantize` keys onto a ModelOpt config:
 
 from __future__ import annotations
 
+import contextlib
+import io
 import warnings
 from typing import Any, Callable, Dict, List, Mapping, Sequence
 
@@ -38,8 +40,9 @@ def modelopt_config(layers: Sequence[Mapping[str, Any]], skip_names: Sequence[st
                          f"{sorted(ALGORITHMS)}")
     quant_cfg: List[Dict[str, Any]] = [{"quantizer_name": "*", "enable": False}]
     for i, layer in enumerate(layers):
-        for part, quantizer, axis in (("weights", "weight_quantizer", 0), ("activations", "input_quantizer", None)):
-            dtype = layer[part]["dtype"]
+        parts = (("weights", layer["weights"]["dtype"], "weight_quantizer", 0),
+                 ("activations", layer["activations"]["dtype"], "input_quantizer", None))
+        for part, dtype, quantizer, axis in parts:
             if dtype not in DTYPES:
                 raise ValueError(f"quantize.layers[{i}].{part}.dtype={dtype!r} is not one of {sorted(DTYPES)}")
             if part == "activations" and weight_only:
@@ -57,7 +60,8 @@ def quantize_model(model: nn.Module, config: Dict[str, Any], forward_loop: Calla
         warnings.simplefilter("ignore")
         import modelopt.torch.quantization as mtq
 
-    return mtq.quantize(model, config, forward_loop=forward_loop)
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints "Inserted N quantizers": the summary line says it
+        return mtq.quantize(model, config, forward_loop=forward_loop)
 
 
 def count_quantizers(model: nn.Module) -> int:
