@@ -23,7 +23,6 @@ import tempfile
 import time
 from typing import Dict, List
 
-import numpy as np
 import torch
 from omegaconf import OmegaConf
 
