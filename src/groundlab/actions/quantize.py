@@ -32,7 +32,7 @@ from groundlab.data.collate import GroundingCollator
 from groundlab.data.grounding_dataset import GroundingDataset
 from groundlab.data.sources import load_split
 from groundlab.deploy.ort_quantize import quantize_onnx
-from groundlab.ops.atomic_write import atomic_write
+from groundlab.ops.atomic_write import atomic_write_text
 from groundlab.predict.backends import open_predictor, predictor_transforms
 from groundlab.predict.gdino import GDinoPredictor
 
@@ -115,7 +115,7 @@ def run(cfg: DictConfig) -> Dict[str, float]:
     delta = {k: quant_metrics[k] - float_metrics[k] for k in float_metrics if "mAP" in k}
     results = {"backend": q.backend, "mode": q.mode, "float_onnx": float_onnx, "quantized_onnx": quant_onnx,
                "summary": summary, "float": float_metrics, "quantized": quant_metrics, "delta": delta}
-    atomic_write(os.path.join(out_dir, "results.json"), lambda tmp: json.dump(results, open(tmp, "w"), indent=1))
+    atomic_write_text(os.path.join(out_dir, "results.json"), json.dumps(results, indent=1))
     for key, value in delta.items():
         log.info("quantized %s: %.4f (float %.4f, delta %+.4f)", key, quant_metrics[key], float_metrics[key], value)
     return {**{f"float_{k}": v for k, v in float_metrics.items() if "mAP" in k},
