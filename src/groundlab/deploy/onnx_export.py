@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -138,11 +139,15 @@ def _write(graph: ExportedGraph, dynamic_batch: bool, opset: int, verbose: bool,
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     shapes = {n: tuple(o.shape) for n, o in zip(graph.output_names, outputs)}
     os.makedirs(os.path.dirname(os.path.abspath(graph.path)), exist_ok=True)
-    # eval() on the wrapper: the exporter restores the wrapper's mode, recursively, when it is done
-    torch.onnx.export(graph.module.eval(), args, graph.path, input_names=list(graph.input_names),
-                      output_names=list(graph.output_names), opset_version=opset, do_constant_folding=True,
-                      dynamic_axes={n: {0: "batch_size"} for n in names} if dynamic_batch else None,
-                      verbose=verbose, dynamo=False)
+    # eval() on the wrapper: the exporter restores the wrapper's mode, recursively, when it is done. The tracer
+    # warns at every size it turns into a constant: the graph fixes H, W and L by contract, so those are expected
+    # and not the user's concern (the ONNX Runtime check below proves the graph)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        torch.onnx.export(graph.module.eval(), args, graph.path, input_names=list(graph.input_names),
+                          output_names=list(graph.output_names), opset_version=opset, do_constant_folding=True,
+                          dynamic_axes={n: {0: "batch_size"} for n in names} if dynamic_batch else None,
+                          verbose=verbose, dynamo=False)
     proto = onnx.load(graph.path)
     if simplify:
         import onnxslim

@@ -244,7 +244,7 @@ class CocoEvaluator:
         name (id as str when a name is missing or shared), per_class_AP_by_id by int id; a class without
         GT in the evaluated images has AP None. "empty" is True when there were no detections at all
         (pycocotools' loadRes cannot load an empty list, so an empty result set is built directly and
-        COCOeval scores it: 0 where GT exists). "report" is pycocotools' printed summary."""
+        COCOeval scores it: 0 where GT exists). "report" is pycocotools' printed summary (its 12 stat lines)."""
         return {t: self._summarize_type(t) for t in self.iou_types}
 
     def _summarize_type(self, iou_type: str) -> Dict[str, Any]:
@@ -281,7 +281,9 @@ class CocoEvaluator:
         out["num_images"] = len(self._images)
         out["num_detections"] = len(dets)
         out["empty"] = not dets
-        out["report"] = buf.getvalue()
+        # the 12 stat lines; pycocotools' progress lines ("Loading and preparing results...") are not the user's
+        out["report"] = "\n".join(line for line in buf.getvalue().splitlines()
+                                  if line.lstrip().startswith("Average") or line.startswith("no images"))
         return out
 
     @staticmethod
