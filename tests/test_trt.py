@@ -111,7 +111,7 @@ def contract_graph(batch="batch", height=64, width=96, text_len=TEXT_LEN, masks=
         nodes.append(helper.make_node("Identity", ["inputs"], ["pred_masks"]))
         outputs.append(helper.make_tensor_value_info("pred_masks", TensorProto.FLOAT, None))
     if qdq:
-        zero = TensorProto.INT8 if qdq == "INT8" else TensorProto.FLOAT8E4M3FN
+        zero = {"INT8": TensorProto.INT8, "UINT8": TensorProto.UINT8}.get(qdq, TensorProto.FLOAT8E4M3FN)
         inits = [helper.make_tensor("s", TensorProto.FLOAT, [], [0.1]), helper.make_tensor("z", zero, [], [0])]
         nodes = [helper.make_node("QuantizeLinear", ["inputs", "s", "z"], ["q"]),
                  helper.make_node("DequantizeLinear", ["q", "s", "z"], ["dq"])] + nodes
@@ -171,6 +171,11 @@ def test_quantized_graphs_build_only_as_their_type():
         prepare_graph(contract_graph(qdq="FP8"), c, "INT8")
     q = contract_graph(qdq="INT8")
     assert prepare_graph(q, c, "INT8") is q and prepare_graph(contract_graph(), c, "FP32") is not None
+    # ONNX Runtime's CPU format (uint8 activations) is no TensorRT graph, whatever the data type asked
+    assert quantization(contract_graph(qdq="UINT8")) == "UINT8"
+    for data_type in ("INT8", "FP16"):
+        with pytest.raises(DataError, match="m.onnx: is quantized with uint8 activations .*modelopt.pytorch"):
+            prepare_graph(contract_graph(qdq="UINT8"), c, data_type)
 
 
 def test_the_summary_line():

@@ -1,5 +1,5 @@
 """action=quantize for Grounding DINO and Mask Grounding DINO: post-training quantization to an int8 ONNX graph
-(Q/DQ format, which ONNX Runtime runs on the CPU and TensorRT builds as an INT8 engine), then the float and the
+(Q/DQ format, which ONNX Runtime runs on the CPU; TensorRT builds modelopt.pytorch's symmetric one), then the float and the
 quantized graph are evaluated on the validation split and both mAPs and their difference written to
 <results_dir>/quantize/results.json.
 
@@ -61,14 +61,21 @@ def calibration_batches(cfg: DictConfig, predictor: GDinoPredictor) -> Iterator[
 
 
 def _ort_feeds(cfg: DictConfig, predictor: GDinoPredictor) -> Iterator[Dict[str, np.ndarray]]:
-    """The float graph's inputs, as numpy arrays by input name, for each calibration batch."""
+    """The float graph's inputs, as numpy arrays by input name, for each calibration batch (in groups of a
+    fixed-batch graph's batch, the last group filled with copies of its last image, as the backend runs them)."""
     backend = predictor.backend
     for batch in calibration_batches(cfg, predictor):
         images = backend.encode_image(batch["images"], batch["padding_mask"])
         B = images.shape[0]
         text = {k: v.expand(B, *v.shape[1:]) for k, v in predictor.texts.get(batch["prompt"]).text.items()}
         feeds = {"inputs": images, **text}
-        yield {n: np.ascontiguousarray(feeds[n].numpy().astype(backend.types[n])) for n in backend.input_names}
+        step = backend.info.batch_size or B
+        for start in range(0, B, step):
+            group = {n: feeds[n][start : start + step] for n in backend.input_names}
+            short = step - group["inputs"].shape[0]
+            if short:
+                group = {n: torch.cat([v, v[-1:].expand(short, *v.shape[1:])]) for n, v in group.items()}
+            yield {n: np.ascontiguousarray(v.numpy().astype(backend.types[n])) for n, v in group.items()}
 
 
 def _evaluate(cfg: DictConfig, onnx_file: str, name: str) -> Dict[str, float]:

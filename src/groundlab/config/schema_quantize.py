@@ -27,7 +27,7 @@ class QuantLayer:
 @dataclass
 class QuantizeConfig:
     model_path: Optional[str] = None  # a groundlab / HF / IDEA / TAO checkpoint (exported first) or an .onnx file
-    backend: str = "onnxruntime"  # onnxruntime (CPU INT8) | modelopt.onnx | modelopt.pytorch
+    backend: str = "onnxruntime"  # onnxruntime (CPU INT8, uint8 activations) | modelopt.pytorch (symmetric, TensorRT)
     mode: str = "static_ptq"  # static_ptq (calibrated activations) | weight_only_ptq
     algorithm: str = "minmax"  # calibration: minmax (TAO/ModelOpt "max") | entropy | percentile
     layers: List[QuantLayer] = field(default_factory=lambda: [QuantLayer()])

@@ -110,10 +110,11 @@ def profile_shapes(contract: OnnxContract, min_batch: int, opt_batch: int, max_b
 
 def quantization(model) -> Optional[str]:
     """"INT8" or "FP8" when the graph has QuantizeLinear nodes (action=quantize's Q/DQ graph), read off their
-    zero points (or opset 21's output_dtype); None for a float graph."""
+    zero points (or opset 21's output_dtype); "UINT8" when any is uint8 (ONNX Runtime's CPU format, which TensorRT
+    rejects: it takes symmetric int8 only); None for a float graph."""
     from onnx import TensorProto
 
-    kinds = {TensorProto.INT8: "INT8", TensorProto.UINT8: "INT8", TensorProto.FLOAT8E4M3FN: "FP8",
+    kinds = {TensorProto.INT8: "INT8", TensorProto.UINT8: "UINT8", TensorProto.FLOAT8E4M3FN: "FP8",
              TensorProto.FLOAT8E5M2: "FP8"}
     constants = {t.name: t.data_type for t in model.graph.initializer}
     constants.update({n.output[0]: a.t.data_type for n in model.graph.node if n.op_type == "Constant"
@@ -126,6 +127,8 @@ def quantization(model) -> Optional[str]:
         if not dtype and len(node.input) > 2 and node.input[2]:
             dtype = constants.get(node.input[2], 0)
         found.add(kinds.get(dtype or TensorProto.UINT8, "INT8"))  # no zero point: uint8, ONNX's default
+    if "UINT8" in found:  # asymmetric uint8 anywhere: TensorRT cannot build the graph at all
+        return "UINT8"
     if len(found) > 1:
         return "FP8" if "FP8" in found else "INT8"  # mixed Q/DQ graphs: FP8 needs the FP8-capable GPU
     return found.pop() if found else None

@@ -142,7 +142,9 @@ def selection_session(path: str):
     name = topk[0].output[1] if len(topk) == 1 else None
     if name is not None:
         proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    session = onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # onnxruntime's own warnings are not the user's concern here
+    session = onnxruntime.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return session, name
 
 

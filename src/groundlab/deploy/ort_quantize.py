@@ -3,7 +3,8 @@
 Static PTQ (quantize.mode=static_ptq): activation ranges are calibrated on real inputs (the calibration images
 at the graph's fixed size, with the class prompts they would be run with), then MatMul / Conv / Gemm nodes get
 QuantizeLinear / DequantizeLinear pairs (QDQ format: uint8 activations, int8 per-channel weights), which ONNX
-Runtime's CPU provider fuses into integer kernels and TensorRT reads as an INT8 graph. Weight-only PTQ
+Runtime's CPU provider fuses into integer kernels (TensorRT takes symmetric int8 only: it builds INT8 engines
+from quantize.backend=modelopt.pytorch's graphs). Weight-only PTQ
 (quantize.mode=weight_only_ptq) is ONNX Runtime's dynamic quantization: int8 weights, activation ranges
 computed per call, no calibration.
 
@@ -13,7 +14,9 @@ Nodes whose names match a `quantize.skip_names` glob stay float: by default the 
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import io
 import logging
 import time
 from contextlib import contextmanager
@@ -24,6 +27,8 @@ import numpy as np
 import onnx
 
 QUANTIZED_OPS = ("MatMul", "Conv", "Gemm")
+# uint8 activations / int8 weights: what ONNX Runtime's CPU integer kernels are fastest with. TensorRT takes
+# symmetric int8 only, so an engine is built from quantize.backend=modelopt.pytorch's graph instead.
 ALGORITHMS = {"minmax": "MinMax", "max": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 
 Feed = Dict[str, np.ndarray]
@@ -77,11 +82,12 @@ class _Reader:
 
 @contextmanager
 def _quiet():
-    """onnxruntime.quantization logs advice through the root logger (bias not constant, pre-processing): not for
-    the user's console."""
+    """onnxruntime.quantization logs advice through the root logger (bias not constant, pre-processing) and its
+    calibrators print to stdout: not for the user's console."""
     logging.disable(logging.WARNING)
     try:
-        yield
+        with contextlib.redirect_stdout(io.StringIO()):  # the entropy / percentile calibrators print() progress
+            yield
     finally:
         logging.disable(logging.NOTSET)
 

@@ -10,7 +10,6 @@ graph. The TensorRT backend plugs in as `groundlab.predict.trt_backend.TensorRTB
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from typing import Any, Callable, Dict, Tuple
 
@@ -26,7 +25,6 @@ log = logging.getLogger(__name__)
 
 # backend -> the settings key naming its file
 FILE_KEYS = {"torch": "checkpoint", "onnxruntime": "onnx_file", "tensorrt": "trt_engine"}
-TRT_MODULE = "groundlab.predict.trt_backend"
 
 
 def _onnxruntime(path: str, device: torch.device, model_cfg: DictConfig) -> Any:
@@ -36,9 +34,6 @@ def _onnxruntime(path: str, device: torch.device, model_cfg: DictConfig) -> Any:
 
 
 def _tensorrt(path: str, device: torch.device, model_cfg: DictConfig) -> Any:
-    if importlib.util.find_spec(TRT_MODULE) is None:
-        raise ConfigError(f"{path}: the TensorRT backend ({TRT_MODULE}.TensorRTBackend) is not part of this groundlab "
-                          f"yet; run the ONNX file with onnx_file=... (ONNX Runtime) instead.")
     from groundlab.predict.trt_backend import TensorRTBackend
 
     return TensorRTBackend(path, device)

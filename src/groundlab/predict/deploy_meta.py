@@ -7,7 +7,7 @@ engine cannot hold metadata, so action=gen_trt_engine writes them next to it as 
 engine was built:
 
     {"max_text_len": 256, "num_select": 300, "text_encoder_type": "bert-base-uncased", "class_names": null,
-     "has_masks": false, "engine": {"data_type": "FP16", "input_size": [544, 960], "max_text_len": 256,
+     "has_masks": false, "engine": {"data_type": "FP16", "input_size": [544, 960], "text_len": 256,
      "batch": [1, 1, 4], "onnx_file": "...", "tensorrt": "11.4.0.106"}}
 """
 

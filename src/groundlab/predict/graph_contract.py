@@ -84,7 +84,8 @@ class GraphInfo:
 
     @classmethod
     def from_json(cls, text: str) -> "GraphInfo":
-        fields = json.loads(text)
+        # keys this version does not know (written by a newer groundlab) are left out, not an error
+        fields = {k: v for k, v in json.loads(text).items() if k in cls.__dataclass_fields__}
         if fields.get("input_size") is not None:
             fields["input_size"] = tuple(fields["input_size"])
         return cls(**fields)
