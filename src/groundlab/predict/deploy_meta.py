@@ -20,8 +20,9 @@ from typing import Any, Dict, List, Optional
 
 from groundlab.errors import DataError, MissingFile
 from groundlab.ops.atomic_write import atomic_write_text
+from groundlab.predict.graph_contract import METADATA_KEY
 
-ONNX_METADATA_KEY = "groundlab"
+ONNX_METADATA_KEY = METADATA_KEY  # the key action=export writes its GraphInfo JSON under
 
 
 @dataclass

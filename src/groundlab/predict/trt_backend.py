@@ -28,30 +28,16 @@ import torch
 
 from groundlab.errors import DataError, MissingFile, UserError
 from groundlab.predict.deploy_meta import DeployMeta, sidecar_path
-from groundlab.predict.graph_contract import GraphInfo
+from groundlab.predict.graph_contract import INPUTS, TEXT_INPUTS, GraphInfo, graph_tokens
 
-TEXT_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids", "text_token_mask")
-INPUTS = ("inputs",) + TEXT_INPUTS
 # TensorRT DataType member name -> torch dtype (the engine's declared I/O types)
 TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
                 "INT64": torch.int64, "INT8": torch.int8, "UINT8": torch.uint8, "BOOL": torch.bool}
 
 
-def pad_tokens(tokens: Dict[str, torch.Tensor], length: int) -> Dict[str, torch.Tensor]:
-    """PromptEncoder tokens (B, l) / (B, l, l) -> the contract's five text inputs at `length` >= l: padding
-    is token 0, masked out, position 0, and attends only to itself (its row of text_token_mask is the diagonal)."""
-    ids = tokens["input_ids"]
-    pad = length - ids.shape[1]
-    if pad < 0:
-        raise ValueError(f"{ids.shape[1]} tokens do not fit the engine's text length {length}")
-    out = {name: torch.nn.functional.pad(tokens[name], (0, pad))
-           for name in ("input_ids", "attention_mask", "position_ids", "token_type_ids")}
-    sa = torch.nn.functional.pad(tokens["text_self_attention_mask"].bool(), (0, pad, 0, pad), value=False)
-    if pad:
-        idx = torch.arange(length - pad, length, device=sa.device)
-        sa[:, idx, idx] = True
-    out["text_token_mask"] = sa
-    return out
+# PromptEncoder tokens (B, l) -> the contract's five text inputs at the engine's text length: the same padding
+# as every exported graph's (graph_contract.graph_tokens)
+pad_tokens = graph_tokens
 
 
 class TensorRTBackend:
