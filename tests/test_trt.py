@@ -363,6 +363,19 @@ def test_text_is_padded_to_the_engine_length(tokenizer):
         pad_tokens(tokens, n - 1)
 
 
+def test_a_batch_runs_in_the_groups_a_graph_takes():
+    """batch_groups (the ONNX Runtime and TensorRT backends, quantize's calibration): at most `largest` images a
+    group, a short group filled up to `smallest` with copies of its last image, and how many are real."""
+    from groundlab.predict.graph_contract import batch_groups
+
+    feeds = {"inputs": torch.arange(5.0)[:, None], "input_ids": torch.arange(5)[:, None] * 10}
+    groups = list(batch_groups(feeds, 2, 2))
+    assert [real for _, real in groups] == [2, 2, 1]
+    assert groups[2][0]["inputs"].flatten().tolist() == [4.0, 4.0] and groups[2][0]["input_ids"].flatten().tolist() == [40, 40]
+    assert [g["inputs"].shape[0] for g, _ in batch_groups(feeds, 1, 4)] == [4, 1]  # a range: no filling needed
+    assert [g["inputs"].shape[0] for g, _ in batch_groups(feeds, 5, 5)] == [5]
+
+
 def test_backend_errors_name_the_engine(tmp_path):
     with pytest.raises(MissingFile) as err:
         TensorRTBackend(str(tmp_path / "none.engine"))
@@ -476,8 +489,10 @@ def test_engine_matches_pytorch(compose, tiny_onnx, tmp_path, data_type, tol_log
           f"same rank {same_rank:.2f}")
     assert box_diff < tol_boxes and logit_diff < tol_logits
     assert same_rank >= (0.9 if data_type == "FP32" else 0.5)
-    with pytest.raises(DataError, match="was built for batches of 1 to 2 images, but 3 came"):
-        backend.detect(torch.zeros(3, 3, 64, 96, device="cuda"), {k: v[:1].cuda() for k, v in text.items()})
+    # 3 images on an engine of batches 1..2: run as 2 + 1, the same outputs as the images alone
+    three = backend.detect(torch.cat([images, images[:1]]).cuda(), {k: v[:1].cuda() for k, v in text.items()})
+    assert three["pred_boxes"].shape[0] == 3
+    assert (three["pred_boxes"][2] - three["pred_boxes"][0]).abs().max() < 1e-4
     with pytest.raises(DataError, match=r"takes 64x96 images without padding, but the batch is 64x80"):
         backend.encode_image(torch.zeros(1, 3, 64, 80, device="cuda"), torch.zeros(1, 64, 80, dtype=torch.bool))
 

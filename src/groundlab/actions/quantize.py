@@ -35,6 +35,7 @@ from groundlab.deploy.ort_quantize import quantize_onnx
 from groundlab.ops.atomic_write import atomic_write_text
 from groundlab.predict.backends import open_predictor, predictor_transforms
 from groundlab.predict.gdino import GDinoPredictor
+from groundlab.predict.graph_contract import batch_groups
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +71,7 @@ def _ort_feeds(cfg: DictConfig, predictor: GDinoPredictor) -> Iterator[Dict[str,
         text = {k: v.expand(B, *v.shape[1:]) for k, v in predictor.texts.get(batch["prompt"]).text.items()}
         feeds = {"inputs": images, **text}
         step = backend.info.batch_size or B
-        for start in range(0, B, step):
-            group = {n: feeds[n][start : start + step] for n in backend.input_names}
-            short = step - group["inputs"].shape[0]
-            if short:
-                group = {n: torch.cat([v, v[-1:].expand(short, *v.shape[1:])]) for n, v in group.items()}
+        for group, _ in batch_groups({n: feeds[n] for n in backend.input_names}, step, step):
             yield {n: np.ascontiguousarray(v.numpy().astype(backend.types[n])) for n, v in group.items()}
 
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -125,3 +125,18 @@ def graph_tokens(tokens: Dict[str, torch.Tensor], max_text_len: int) -> Dict[str
         mask[:, idx, idx] = True
     out["text_token_mask"] = mask
     return out
+
+
+def batch_groups(feeds: Dict[str, torch.Tensor], smallest: int, largest: int
+                 ) -> Iterator[Tuple[Dict[str, torch.Tensor], int]]:
+    """A batch of graph inputs (every tensor (B, ...)) as the groups a graph of batch range [smallest, largest]
+    runs: at most `largest` images each, a group short of `smallest` filled with copies of its last image. Yields
+    (group, real): the first `real` outputs of the group are the batch's."""
+    B = next(iter(feeds.values())).shape[0]
+    for start in range(0, B, largest):
+        group = {n: v[start : start + largest] for n, v in feeds.items()}
+        real = next(iter(group.values())).shape[0]
+        short = smallest - real
+        if short > 0:
+            group = {n: torch.cat([v, v[-1:].expand(short, *v.shape[1:])]) for n, v in group.items()}
+        yield group, real

@@ -26,7 +26,7 @@ from groundlab.config import ConfigError
 from groundlab.errors import MissingFile
 from groundlab.predict.graph_contract import (
     GRAPH_INPUTS, IMAGE_INPUT, INPUT_DTYPES, INPUT_SHAPES, MASK_OUTPUT, METADATA_KEY, OUTPUTS, TEXT_FEATURES,
-    TEXT_GRAPH_OUTPUTS, GraphInfo, graph_tokens, text_graph_path,
+    TEXT_GRAPH_OUTPUTS, GraphInfo, batch_groups, graph_tokens, text_graph_path,
 )
 
 log = logging.getLogger(__name__)
@@ -194,15 +194,11 @@ class OnnxRuntimeBackend:
         B = image.shape[0]
         text = {k: v.expand(B, *v.shape[1:]) if v.shape[0] != B else v for k, v in text.items()}
         feeds = {IMAGE_INPUT: image, **text}
-        step = self.info.batch_size or B
+        step = self.info.batch_size or B  # a fixed-batch graph runs the batch in groups of its batch
         parts: List[List[np.ndarray]] = []
-        for start in range(0, B, step):
-            group = {n: feeds[n][start : start + step] for n in self.input_names}
-            short = step - group[IMAGE_INPUT].shape[0]
-            if short:  # a fixed-batch graph: fill the last group with copies of its last image
-                group = {n: torch.cat([v, v[-1:].expand(short, *v.shape[1:])]) for n, v in group.items()}
+        for group, real in batch_groups({n: feeds[n] for n in self.input_names}, step, step):
             arrays = {n: np.ascontiguousarray(v.numpy().astype(self.types[n], copy=False)) for n, v in group.items()}
             outs = self.session.run(self.output_names, arrays)
-            parts.append([o[: step - short] for o in outs])
+            parts.append([o[:real] for o in outs])
         return {n: torch.from_numpy(np.concatenate([p[i] for p in parts])).to(self.device)
                 for i, n in enumerate(self.output_names)}

@@ -28,7 +28,7 @@ import torch
 
 from groundlab.errors import DataError, MissingFile, UserError
 from groundlab.predict.deploy_meta import DeployMeta, sidecar_path
-from groundlab.predict.graph_contract import INPUTS, TEXT_INPUTS, GraphInfo, graph_tokens
+from groundlab.predict.graph_contract import INPUTS, TEXT_INPUTS, GraphInfo, batch_groups, graph_tokens
 
 # TensorRT DataType member name -> torch dtype (the engine's declared I/O types)
 TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
@@ -130,18 +130,19 @@ class TensorRTBackend:
         return images.to(self.device, torch.float32).contiguous()
 
     def detect(self, image: torch.Tensor, text: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Any batch: run in groups the engine's batch range takes (at most its max, a short group filled up to
+        its min with copies of the last image), as the ONNX Runtime backend runs a fixed-batch graph."""
         B = image.shape[0]
         lo, hi = self.batch_range
-        if not lo <= B <= hi:
-            raise DataError(f"was built for batches of {lo} to {hi} images, but {B} came "
-                            f"(dataset.batch_size): set dataset.batch_size <= {hi}, or rebuild with "
-                            f"gen_trt_engine.tensorrt.max_batch_size >= {B}.", self.path)
         feeds = {"inputs": image}
         for k in TEXT_INPUTS:
             v = text[k]
             feeds[k] = v.expand(B, *v.shape[1:]) if v.shape[0] != B else v
-        feeds = {k: v.to(self.device, self.dtypes[k]).contiguous() for k, v in feeds.items()}
-        outputs = self._execute(feeds)
+        parts = []
+        for group, real in batch_groups(feeds, lo, hi):
+            outputs = self._execute({k: v.to(self.device, self.dtypes[k]).contiguous() for k, v in group.items()})
+            parts.append({k: v[:real] for k, v in outputs.items()})
+        outputs = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         result = {"pred_logits": outputs["pred_logits"][..., : self.text_len].float(),
                   "pred_boxes": outputs["pred_boxes"].float()}
         if self.has_masks:
