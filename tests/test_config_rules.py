@@ -134,6 +134,11 @@ CASES = [
     ([], "model.has_mask=true", "model.has_mask=true must be false with model=gdino"),
     (["model=mask_gdino"], "model.has_mask=false", "model.has_mask=false must be true with model=mask_gdino"),
     ([], "model.loss_types=[labels,boxes,masks]", "has masks, which only model=mask_gdino has"),
+    ([], "model.num_region_queries=100", "region queries (referring segmentation) come with model=mask_gdino"),
+    (["model=mask_gdino"], "model.num_region_queries=50", "model.num_region_queries=50 must be 0 (no region head) "
+                                                          "or a perfect square"),
+    (["model=mask_gdino", "model.num_region_queries=100"], "model.region_dec_layers=0",
+     "model.region_dec_layers=0 must be >= 1 with region queries."),
     (MAL, "train.margin_rate=[1.2,0]", "train.margin_rate=[1.2, 0.0] must be [low, high] with low <= high."),
     (MAL, "train.crf_kernel_size=4", "train.crf_kernel_size=4 must be odd"),
     (MAL, "train.crf_value_low_thres=0.9", "train.crf_value_low_thres=0.9 must be below train.crf_value_high_thres=0.9"),

@@ -206,6 +206,15 @@ def _check_model(cfg: DictConfig, errors: List[str]) -> None:
                       f"with model={m.name} (the mask head comes with model=mask_gdino).")
     if "masks" in m.loss_types and m.name != "mask_gdino":
         errors.append(f"model.loss_types={list(m.loss_types)} has masks, which only model=mask_gdino has.")
+    if m.num_region_queries and m.name != "mask_gdino":
+        errors.append(f"model.num_region_queries={m.num_region_queries}: region queries (referring segmentation) "
+                      f"come with model=mask_gdino.")
+    side = int(round(max(m.num_region_queries, 0) ** 0.5))
+    if m.num_region_queries < 0 or side * side != m.num_region_queries:
+        errors.append(f"model.num_region_queries={m.num_region_queries} must be 0 (no region head) or a perfect "
+                      f"square (each region owns one cell of a sqrt(R) x sqrt(R) minimap; TAO uses 100).")
+    if m.num_region_queries and m.region_dec_layers < 1:
+        errors.append(f"model.region_dec_layers={m.region_dec_layers} must be >= 1 with region queries.")
     if m.name == "mask_gdino":
         if "masks" not in m.loss_types and cfg.action.name == "train":
             errors.append(f"model.loss_types={list(m.loss_types)} lacks masks: model=mask_gdino would train a mask "

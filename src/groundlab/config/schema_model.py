@@ -66,6 +66,13 @@ class GDinoModelConfig:
     mask_dim: int = 8  # mask feature channels of the pixel decoder (TAO: hidden_dim // 32 = 8)
     mask_loss_coef: float = 2.0  # sigmoid focal loss on the stride-4 masks of matched queries
     dice_loss_coef: float = 5.0
+    # Referring segmentation (TAO's VG mode): region queries in a masked-attention decoder (ReLA); 0 disables it.
+    # A perfect square: each region owns one cell of the sqrt(R) x sqrt(R) minimap (TAO: 100).
+    num_region_queries: int = 0
+    region_dec_layers: int = 3  # one pass over the strides 32, 16, 8 per 3 layers
+    rela_nt_loss_coef: float = 1.0  # no-target cross-entropy
+    rela_minimap_loss_coef: float = 0.5  # per-region foreground BCE against the pooled union mask
+    rela_union_mask_loss_coef: float = 2.0  # union-mask BCE at stride 8 against the pooled union mask
 
 
 @dataclass

@@ -64,12 +64,16 @@ def network(cfg: DictConfig, bert=None) -> GroundingDINO:
 
 def criterion_for(cfg: DictConfig) -> SetCriterion:
     """The training losses of a model config: Mask Grounding DINO's (Grounding DINO's plus focal + dice on the
-    masks, weights mask_loss_coef / dice_loss_coef) when model.has_mask, else Grounding DINO's."""
+    masks, weights mask_loss_coef / dice_loss_coef, plus the region head's with num_region_queries > 0, weights
+    rela_*_loss_coef) when model.has_mask, else Grounding DINO's."""
     if cfg.get("has_mask"):
         from groundlab.models.mask_gdino.criterion import MaskSetCriterion
 
-        return build_criterion(cfg, MaskSetCriterion,
-                               {"loss_mask": cfg.mask_loss_coef, "loss_dice": cfg.dice_loss_coef})
+        weights = {"loss_mask": cfg.mask_loss_coef, "loss_dice": cfg.dice_loss_coef}
+        if int(cfg.get("num_region_queries", 0) or 0) > 0:
+            weights.update({"loss_nt": cfg.rela_nt_loss_coef, "loss_minimap": cfg.rela_minimap_loss_coef,
+                            "loss_union": cfg.rela_union_mask_loss_coef})
+        return build_criterion(cfg, MaskSetCriterion, weights)
     return build_criterion(cfg)
 
 

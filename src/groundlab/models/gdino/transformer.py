@@ -62,7 +62,7 @@ class Transformer(nn.Module):
         False on padded queries (an image with fewer real tokens than queries; select_topk),
         "interm_logits": (B, num_queries, max_text_len) (-inf on padded queries) and "interm_boxes":
         (B, num_queries, 4) of the selected encoder proposals (undetached, for the encoder loss), "memory": the
-        enhanced image tokens (B, S, C), level by level, "spatial_shapes": [(H_l, W_l)] per level}.
+        enhanced image tokens (B, S, C), level by level, "memory_padding": (B, S) True on padded tokens, "spatial_shapes": [(H_l, W_l)] per level}.
         Q = P + num_queries with denoising, else num_queries."""
         spatial_shapes: List[Tuple[int, int]] = [(int(s.shape[-2]), int(s.shape[-1])) for s in srcs]
         src_flat = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
@@ -102,7 +102,7 @@ class Transformer(nn.Module):
                                           text, text_padding_mask, self_attn_mask, query_padding_mask)
         return {"hidden": hidden, "references": references, "text": text, "query_mask": real,
                 "interm_logits": interm_logits, "interm_boxes": ref_undetached.sigmoid(),
-                "memory": memory, "spatial_shapes": spatial_shapes}
+                "memory": memory, "memory_padding": mask_flat, "spatial_shapes": spatial_shapes}
 
 
 def valid_ratio(mask: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ from torch import Tensor
 from groundlab.models.gdino.criterion import LOSS_KEYS, SetCriterion, sigmoid_focal_loss
 from groundlab.models.gdino.matcher import Indices
 from groundlab.models.mask_gdino.dynamic_mask import MASK_OUT_STRIDE, query_masks
+from groundlab.models.mask_gdino.region_loss import region_losses
 
 # TAO's mask focal loss uses the focal defaults whatever model.focal_alpha / focal_gamma say
 MASK_FOCAL_ALPHA = 0.25
@@ -55,7 +56,12 @@ class MaskSetCriterion(SetCriterion):
             factor = int(outputs["mask_stride"]) // MASK_OUT_STRIDE
             h, w = features.shape[-2] * factor, features.shape[-1] * factor
             targets = [dict(t, masks_s4=masks_at_stride4(t["masks"].to(features.device), h, w)) for t in targets]
-        return super().forward(outputs, targets, return_indices)
+        result = super().forward(outputs, targets, return_indices)
+        if "union_mask_logits" in outputs and all("masks" in t for t in targets):
+            losses = result[0] if return_indices else result
+            device = outputs["union_mask_logits"].device
+            losses.update(region_losses(outputs, [t["masks"].to(device) for t in targets], int(outputs["mask_stride"])))
+        return result
 
     def layer_losses(self, layer: Dict[str, Tensor], targets: Sequence[Dict[str, Tensor]], indices: Indices,
                      token_mask: Tensor, num_boxes: float) -> Dict[str, Tensor]:

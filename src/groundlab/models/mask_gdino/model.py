@@ -19,6 +19,7 @@ from groundlab.models.common.mlp import MLP
 from groundlab.models.gdino.model import GroundingDINO
 from groundlab.models.mask_gdino.dynamic_mask import MASK_OUT_STRIDE, num_dynamic_params
 from groundlab.models.mask_gdino.pixel_decoder import MaskPixelDecoder
+from groundlab.models.mask_gdino.region_head import REGION_LEVELS, RegionQueryHead
 
 MASK_HEAD_PREFIXES = ("controller.", "mask_head.")  # the parameters a Grounding DINO checkpoint lacks
 
@@ -29,7 +30,11 @@ class MaskGroundingDINO(GroundingDINO):
     (x, y) reference point of the query's decoder layer (detached), and the shared "mask_features"
     (B, mask_dim, H_s, W_s), "mask_stride" (int, s: 8 for return_interm_indices [1, 2, 3]) and "image_sizes"
     (B, 2) (h, w) of the unpadded inputs, so each layer dict alone feeds `query_masks`. The denoising and
-    encoder-proposal outputs carry no masks (TAO computes no mask loss on them either)."""
+    encoder-proposal outputs carry no masks (TAO computes no mask loss on them either).
+
+    With model.num_region_queries > 0 (referring segmentation, TAO's VG mode) the final outputs also carry the
+    region head's "no_targets" (B, 2), "union_mask_logits" (B, 2, H_s, W_s), "minimap_logits" (B, R, 2) and
+    "region_masks" (B, R, H_s, W_s) (models/mask_gdino/region_head.py)."""
 
     def __init__(self, cfg, special_token_ids: Sequence[int], bert: Optional[nn.Module] = None):
         super().__init__(cfg, special_token_ids, bert)
@@ -47,20 +52,39 @@ class MaskGroundingDINO(GroundingDINO):
             nn.init.xavier_uniform_(layer.weight)
             nn.init.zeros_(layer.bias)
         self.mask_head = MaskPixelDecoder(d, self.mask_dim)
+        self.region_head = None
+        if int(cfg.get("num_region_queries", 0) or 0) > 0:
+            self.region_head = RegionQueryHead(d, cfg.nheads, int(cfg.num_region_queries),
+                                               int(cfg.region_dec_layers), cfg.dim_feedforward)
+
+    def _levels(self, memory: torch.Tensor, spatial_shapes: List) -> List[torch.Tensor]:
+        """(B, S, C) memory -> the first three levels as (B, C, H_l, W_l) maps."""
+        B, _, C = memory.shape
+        levels, start = [], 0
+        for h, w in spatial_shapes[:REGION_LEVELS]:
+            levels.append(memory[:, start : start + h * w].transpose(1, 2).reshape(B, C, h, w))
+            start += h * w
+        return levels
 
     def mask_features(self, memory: torch.Tensor, spatial_shapes: List) -> torch.Tensor:
         """(B, S, C) encoder memory -> (B, mask_dim, H_0, W_0) mask features at stride self.mask_stride."""
-        B, _, C = memory.shape
-        levels, start = [], 0
-        for h, w in spatial_shapes[:3]:
-            levels.append(memory[:, start : start + h * w].transpose(1, 2).reshape(B, C, h, w))
-            start += h * w
-        return self.mask_head(levels)
+        return self.mask_head(self._levels(memory, spatial_shapes))
 
     def add_outputs(self, result: Dict[str, Any], transformer_out: Dict[str, Any], sizes: torch.Tensor,
                     num_denoising: int) -> None:
-        shared = {"mask_features": self.mask_features(transformer_out["memory"], transformer_out["spatial_shapes"]),
-                  "mask_stride": self.mask_stride, "image_sizes": sizes}
+        shapes = transformer_out["spatial_shapes"]
+        levels = self._levels(transformer_out["memory"], shapes)
+        fused = self.mask_head.fuse(levels)
+        shared = {"mask_features": self.mask_head.project(fused), "mask_stride": self.mask_stride,
+                  "image_sizes": sizes}
+        if self.region_head is not None:
+            padding, start = [], 0
+            B = fused.shape[0]
+            for h, w in shapes[:REGION_LEVELS]:
+                padding.append(transformer_out["memory_padding"][:, start : start + h * w].reshape(B, h, w))
+                start += h * w
+            result.update(self.region_head(levels, padding, transformer_out["text"], result["text_token_mask"],
+                                           fused))
         hidden, references = transformer_out["hidden"], transformer_out["references"]
         last = len(hidden) - 1
         layers = [(last, result)]

@@ -17,7 +17,9 @@ from torch.nn import functional as F
 
 
 class MaskPixelDecoder(nn.Module):
-    """forward([(B, d, H, W), (B, d, H/2, W/2), (B, d, H/4, W/4)]) -> (B, mask_dim, H, W), values >= 0."""
+    """forward([(B, d, H, W), (B, d, H/2, W/2), (B, d, H/4, W/4)]) -> (B, mask_dim, H, W), values >= 0;
+    fuse(levels) -> the (B, d, H, W) map before the last two convolutions (the region head's pixel features),
+    project(fused) -> forward's output."""
 
     def __init__(self, d: int, mask_dim: int = 8):
         super().__init__()
@@ -32,9 +34,14 @@ class MaskPixelDecoder(nn.Module):
             nn.init.kaiming_uniform_(conv.weight, a=1)
             nn.init.zeros_(conv.bias)
 
-    def forward(self, levels: Sequence[torch.Tensor]) -> torch.Tensor:
+    def fuse(self, levels: Sequence[torch.Tensor]) -> torch.Tensor:
         fine, middle, coarse = levels
         x = F.relu(self.lay3(coarse))
         x = F.relu(self.lay4(middle + F.interpolate(x, size=middle.shape[-2:], mode="nearest")))
-        x = F.relu(self.jia_dcn(fine + F.interpolate(x, size=fine.shape[-2:], mode="nearest")))
-        return F.relu(self.lay2(F.relu(self.lay1(x))))
+        return F.relu(self.jia_dcn(fine + F.interpolate(x, size=fine.shape[-2:], mode="nearest")))
+
+    def project(self, fused: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.lay2(F.relu(self.lay1(fused))))
+
+    def forward(self, levels: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.project(self.fuse(levels))
