@@ -132,6 +132,10 @@ class GDinoEvaluateConfig:
     conf_threshold: float = 0.0
     nms_threshold: Optional[float] = None  # class-wise box NMS IoU over the merged detections; None: no NMS
     mask_threshold: float = 0.5  # mask models: a pixel is in the instance when its mask probability is >= this
+    # referring segmentation (a data_type VG source): an instance is kept when this fraction of it lies in the
+    # predicted union mask; its label is the expression's words whose tokens score above text_threshold
+    ioi_threshold: float = 0.5
+    text_threshold: float = 0.3
     num_gpus: int = 1
     gpu_ids: List[int] = field(default_factory=lambda: [0])
 
@@ -159,6 +163,7 @@ class GDinoInferenceConfig:
     text_threshold: float = 0.25
     nms_threshold: Optional[float] = None
     mask_threshold: float = 0.5
+    ioi_threshold: float = 0.5  # referring segmentation (data_type VG): as evaluate.ioi_threshold
     color_map: Dict[str, str] = field(default_factory=dict)
     outline_width: int = 3
     num_gpus: int = 1

@@ -21,6 +21,9 @@ from omegaconf import DictConfig
 from groundlab.data.collate import unpadded_sizes
 from groundlab.models.gdino.build import BuiltModel, build_gdino
 from groundlab.models.gdino.postprocess import GroundingPostProcessor, merge_chunk_results, select_free_form
+from groundlab.models.mask_gdino.referring_postprocess import (
+    ExpressionWords, expression_from_tokenizer, referring_postprocess,
+)
 from groundlab.predict.mask_paste import paste_query_masks
 from groundlab.predict.text_cache import TextCache
 from groundlab.predict.torch_backend import TorchBackend
@@ -51,7 +54,10 @@ class GDinoPredictor:
         self.texts = TextCache(backend.encode_text, self.encoder, self.device)
         self.class_names = class_names
         self.has_masks = backend.has_masks  # Mask Grounding DINO: results carry "masks"
+        # referring segmentation: detect() also returns "no_targets" and "union_mask_logits"
+        self.has_region_head = bool(getattr(backend, "has_region_head", False))
         self._chunked: Dict[Tuple[str, ...], ChunkedPrompts] = {}
+        self._expressions: Dict[str, ExpressionWords] = {}
 
     @classmethod
     def from_model(cls, model, model_cfg: DictConfig, device: torch.device,
@@ -134,4 +140,42 @@ class GDinoPredictor:
                     result["masks"] = paste_query_masks([raw], b, torch.zeros_like(queries), queries,
                                                         input_sizes[b], sizes[b], mask_threshold)
                 results.append(result)
+        return results
+
+    def detect_expressions(self, images: torch.Tensor, padding_mask: torch.Tensor, orig_sizes: torch.Tensor,
+                           prompts: Sequence[Prompt], settings: Any) -> List[Dict[str, Any]]:
+        """Referring segmentation (VG): one expression per image, all images in one batch, through the region
+        head's no-target and union outputs (models/mask_gdino/referring_postprocess.py). settings: an object or
+        config with conf_threshold, nms_threshold, mask_threshold, ioi_threshold, text_threshold (the
+        evaluate / inference config). Per image {"scores" (K,), "boxes" (K, 4) xyxy original pixels, "masks"
+        (K, H, W) bool, "labels": K str (the expression's words the detection answers to), "query_idx",
+        "no_target": bool, "union": (H, W) bool the network's union mask}."""
+        if not self.has_region_head:
+            raise ValueError("referring segmentation (data_type VG) needs a Mask Grounding DINO with region queries "
+                             "(model.num_region_queries > 0); this model has none")
+        encoded = [self.texts.get(p) for p in prompts]
+        text = encoded[0].text if len({p.text for p in prompts}) == 1 else \
+            self.backend.stack_text([e.text for e in encoded])
+        image = self.backend.encode_image(images.to(self.device), padding_mask.to(self.device))
+        raw = self.backend.detect(image, text)
+        sizes, input_sizes = orig_sizes.to(self.device), unpadded_sizes(padding_mask)
+        stride = images.shape[-2] // raw["union_mask_logits"].shape[-2]
+        results = []
+        with torch.autocast(self.device.type, enabled=False):
+            for b, prompt in enumerate(prompts):
+                if prompt.text not in self._expressions:
+                    self._expressions[prompt.text] = expression_from_tokenizer(self.tokenizer, prompt.text,
+                                                                               self.backend.max_text_len)
+                one = {k: raw[k][b].float() for k in ("pred_logits", "pred_boxes", "no_targets", "union_mask_logits")}
+
+                def masks_fn(queries: torch.Tensor, b: int = b) -> torch.Tensor:
+                    return paste_query_masks([raw], b, torch.zeros_like(queries), queries, input_sizes[b], sizes[b],
+                                             settings.mask_threshold)
+
+                results.append(referring_postprocess(
+                    one, self._expressions[prompt.text], masks_fn, tuple(sizes[b].tolist()),
+                    num_select=self.post.num_select, conf_threshold=settings.conf_threshold,
+                    nms_threshold=settings.nms_threshold, mask_threshold=settings.mask_threshold,
+                    ioi_threshold=settings.ioi_threshold, text_threshold=settings.text_threshold,
+                    input_size=tuple(input_sizes[b].tolist()), union_stride=stride))
         return results

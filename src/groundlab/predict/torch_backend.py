@@ -49,6 +49,11 @@ class TorchBackend:
         """detect() also returns MaskGroundingDINO's mask outputs (mask_features, mask_params, ...)."""
         return isinstance(self.model, MaskGroundingDINO)
 
+    @property
+    def has_region_head(self) -> bool:
+        """detect() also returns the region head's "no_targets" and "union_mask_logits" (referring segmentation)."""
+        return getattr(self.model, "region_head", None) is not None
+
     @torch.no_grad()
     def encode_text(self, tokens: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         return self.model.encode_text(tokens["input_ids"], tokens["attention_mask"], tokens["token_type_ids"],
