@@ -16,7 +16,9 @@ class-wise box NMS runs on the merged detections. Results are written with the o
 
 An image that cannot be decoded is skipped, named in the log and listed in results.json ("skipped_images");
 it still counts in the COCO evaluation, as an image without detections (its ground truth boxes are missed), so
-a skipped image lowers recall rather than vanishing from the score."""
+a skipped image lowers recall rather than vanishing from the score.
+
+A referring-expression source (data_type VG) is scored by actions/evaluate_referring.py instead."""
 
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from groundlab.data.collate import GroundingCollator
 from groundlab.data.grounding_dataset import GroundingDataset
 from groundlab.data.sources import load_split
 from groundlab.engine.devices import run_device
+from groundlab.actions.evaluate_referring import evaluate_expressions
 from groundlab.eval.coco_eval import CocoEvaluator, write_results_json
 from groundlab.ops.masks import encode_masks
 from groundlab.predict.backends import choose_backend, open_predictor, predictor_transforms
@@ -52,8 +55,12 @@ def run(cfg: DictConfig) -> Dict[str, float]:
     if not sources or not len(sources[0].records):
         raise ConfigError(f"dataset.{split}_data_sources holds no images to evaluate.")
     source = sources[0]
+    if source.data_type == "VG":  # referring expressions: scored by their union masks, not COCO AP
+        predictor = open_predictor(cfg.model, ev, "evaluate", run_device(ev.num_gpus, ev.gpu_ids))
+        return evaluate_expressions(cfg, source, predictor, backend, model_file)
     if source.category_ids is None:
-        raise ConfigError(f"dataset.{split}_data_sources.json_file must be a COCO json (the ground truth).")
+        raise ConfigError(f"dataset.{split}_data_sources.json_file must be a COCO json (the ground truth), or an "
+                          f"ODVG jsonl of referring expressions with dataset.{split}_data_sources.data_type=VG.")
     predictor = open_predictor(cfg.model, ev, "evaluate", run_device(ev.num_gpus, ev.gpu_ids))
     # every class is prompted by the predictor: the dataset only delivers images and ground truth
     dataset = GroundingDataset([source], predictor.encoder, predictor_transforms(cfg.dataset.augmentation, predictor),

@@ -15,7 +15,9 @@ from groundlab.errors import DataError
 
 class GroundingDataModule(ResumableDataModule):
     """Attributes after `prepare()`: train_set, val_set, collate, val_gt_json (COCO GT path or None),
-    val_category_ids (class index -> original id, or None), class_names (label map of the first train source)."""
+    val_category_ids (class index -> original id, or None), class_names (label map of the first train source),
+    val_referring (the validation source holds referring expressions, data_type VG: scored by the referring
+    metrics rather than COCO, so it needs no COCO json)."""
 
     def __init__(self, cfg: DictConfig):
         super().__init__(cfg.seed)
@@ -23,6 +25,7 @@ class GroundingDataModule(ResumableDataModule):
         self.train_set = self.val_set = self.collate = None
         self.val_gt_json: Optional[str] = None
         self.val_category_ids: Optional[List[int]] = None
+        self.val_referring = False
         self.class_names: Optional[List[str]] = None
 
     def prepare(self) -> "GroundingDataModule":
@@ -31,7 +34,8 @@ class GroundingDataModule(ResumableDataModule):
         self.train_set, self.collate = build_grounding_dataset(self.cfg, "train", augment=True, encoder=encoder)
         self.val_set, _ = build_grounding_dataset(self.cfg, "val", augment=False, encoder=encoder)
         val_source = self.val_set.sources[0]
-        if not val_source.name.endswith(".json"):
+        self.val_referring = val_source.data_type == "VG"
+        if not self.val_referring and not val_source.name.endswith(".json"):
             raise DataError("dataset.val_data_sources.json_file must be a COCO json (the evaluation ground truth)")
         self.val_gt_json = val_source.name
         self.val_category_ids = val_source.category_ids

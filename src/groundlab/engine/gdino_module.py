@@ -1,6 +1,8 @@
 """Grounding DINO's (and Mask Grounding DINO's) training steps on the shared engine: loss, AdamW groups + per-step
 schedule, and validation through the predictor (every class prompted once per validation, the backbone once per
-image), COCO bbox mAP, and segm mAP for a model with a mask head."""
+image), COCO bbox mAP, and segm mAP for a model with a mask head; a referring-expression (data_type VG) validation
+source is scored instead by the union of each expression's predicted masks: val_gIoU, val_cIoU, val_N_acc,
+val_T_acc (eval/referring_metrics.py), with evaluate.*'s thresholds."""
 
 from __future__ import annotations
 
@@ -14,9 +16,11 @@ from groundlab.data.bad_images import log_skipped
 from groundlab.data.collate import unpadded_sizes
 from groundlab.engine.module_base import GroundlabModule
 from groundlab.eval.coco_eval import CocoEvaluator
+from groundlab.eval.referring_metrics import ReferringMetrics
 from groundlab.models.gdino.build import build_gdino, criterion_for
 from groundlab.models.gdino.optim import build_optimizer, lr_lambda
 from groundlab.models.gdino.weights import load_weights
+from groundlab.models.mask_gdino.referring_postprocess import prediction_union
 from groundlab.predict.gdino import GDinoPredictor
 
 log = logging.getLogger(__name__)
@@ -44,6 +48,7 @@ class GDinoLightning(GroundlabModule):
         # Mask Grounding DINO validates its masks too (COCO segm AP)
         self.iou_types = ("bbox", "segm") if cfg.model.get("has_mask") else ("bbox",)
         self.evaluator: Optional[CocoEvaluator] = None
+        self.referring: Optional[ReferringMetrics] = None  # a data_type VG validation source
         self.predictor: Optional[GDinoPredictor] = None  # made at the first validation, on its device
         self._bad_val_images: set = set()  # undecodable validation images already named in the log
 
@@ -101,13 +106,18 @@ class GDinoLightning(GroundlabModule):
 
     # ----------------------------------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
-        class_ids = list(self.cfg.dataset.eval_class_ids) if self.cfg.dataset.eval_class_ids else None
-        self.evaluator = CocoEvaluator(self.dm.val_gt_json, iou_types=self.iou_types, class_ids=class_ids)
+        if self.dm.val_referring:
+            self.referring = ReferringMetrics()
+        else:
+            class_ids = list(self.cfg.dataset.eval_class_ids) if self.cfg.dataset.eval_class_ids else None
+            self.evaluator = CocoEvaluator(self.dm.val_gt_json, iou_types=self.iou_types, class_ids=class_ids)
         if self.predictor is None or self.predictor.device != self.device:
             self.predictor = GDinoPredictor.from_model(self.model, self.cfg.model, self.device)
         self.predictor.texts.clear()  # the text encoder may have trained since the last validation
 
     def validation_step(self, batch: Dict[str, Any], batch_idx: int) -> None:
+        if self.referring is not None:
+            return self._validate_expressions(batch)
         for bad in batch.get("skipped", ()):  # undecodable: an image without detections, named once per run
             if bad.file_name not in self._bad_val_images:
                 self._bad_val_images.add(bad.file_name)
@@ -130,7 +140,30 @@ class GDinoLightning(GroundlabModule):
             self.evaluator.update(int(target["image_id"]), {k: v.cpu() for k, v in result.items()},
                                   self.dm.val_category_ids)
 
+    def _validate_expressions(self, batch: Dict[str, Any]) -> None:
+        for bad in batch.get("skipped", ()):  # no ground truth to score against: named once, left out
+            if bad.file_name not in self._bad_val_images:
+                self._bad_val_images.add(bad.file_name)
+                log_skipped(bad, "left out of the referring metrics")
+        if batch["images"] is None:
+            return
+        sizes = torch.stack([t["orig_size"] for t in batch["targets"]])
+        results = self.predictor.detect_expressions(batch["images"], batch["padding_mask"], sizes, batch["prompts"],
+                                                    self.cfg.evaluate)
+        for target, result in zip(batch["targets"], results):
+            self.referring.update(prediction_union(result["masks"]).cpu(), target["vg_union"].cpu(),
+                                  bool(target["empty"]), sample_id=int(target["image_id"]))
+
+    def _referring_epoch_end(self) -> None:
+        metrics = ReferringMetrics().merge(self.gather(self.referring.state())).compute()
+        # a fraction with no sample to count (N_acc without no-target expressions) is NaN: not logged
+        logged = {f"val_{k.replace('@0.', '')}": v for k, v in metrics.items()  # Pr@0.7 -> val_Pr7
+                  if not k.startswith("num_") and v == v}
+        self.record_validation(logged, prog_bar=("val_gIoU", "val_N_acc", "val_T_acc"))
+
     def on_validation_epoch_end(self) -> None:
+        if self.referring is not None:
+            return self._referring_epoch_end()
         if self.trainer.world_size > 1:  # every rank evaluates the gathered predictions of all ranks
             merged = CocoEvaluator(self.dm.val_gt_json, iou_types=self.iou_types, class_ids=self.evaluator.class_ids)
             merged.merge(self.gather(self.evaluator.state()))
