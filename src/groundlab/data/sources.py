@@ -69,10 +69,14 @@ def load_source(source: Dict[str, Any], key: str, cache_dir: str, skip_missing: 
     json_file = source.get("json_file") or ""
     if not json_file or not os.path.isfile(json_file):
         raise DataError(f"{key}.json_file={json_file!r} is not a file")
+    data_type = source.get("data_type") or "OD"
+    if data_type == "VG" and not json_file.endswith(".jsonl"):
+        raise DataError(f"{key}.data_type=VG reads referring expressions from an ODVG .jsonl file, but "
+                        f"{key}.json_file={json_file!r} is not one")
     images = open_images(source.get("image_dir") or "", f"{key}.image_dir", cache_dir)
     if json_file.endswith(".jsonl"):
-        records, names, _ = read_odvg(json_file, source.get("label_map"), images, skip_missing)
-        return AnnotatedSource(json_file, records, images, names)
+        records, names, _ = read_odvg(json_file, source.get("label_map"), images, skip_missing, data_type)
+        return AnnotatedSource(json_file, records, images, names, data_type=data_type)
     if json_file.endswith(".json"):
         records, names, cat_ids, _ = read_coco(json_file, images, skip_missing, use_masks)
         return AnnotatedSource(json_file, records, images, names, cat_ids)
