@@ -94,6 +94,8 @@ CASES = [
     (MAL, "dataset.min_obj_size=-1", "dataset.min_obj_size=-1.0 must be >= 0."),
     (["dataset=raw"], "dataset.infer_data_sources.data_type=od",
      "dataset.infer_data_sources.data_type='od' must be one of OD, VG."),
+    ([], "dataset.val_data_sources.data_type=RES", "dataset.val_data_sources.data_type='RES' must be one of OD, VG."),
+    ([], "dataset.test_data_sources.data_type=vg", "dataset.test_data_sources.data_type='vg' must be one of OD, VG."),
     # evaluate / inference
     ([], "evaluate.conf_threshold=1.5", "evaluate.conf_threshold=1.5 must be in [0, 1]."),
     ([], "evaluate.nms_threshold=1.5", "evaluate.nms_threshold=1.5 must be in [0, 1]."),

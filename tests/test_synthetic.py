@@ -45,7 +45,8 @@ def _image(paths: SyntheticPaths, split: str, file_name: str) -> np.ndarray:
     return np.asarray(Image.open(os.path.join(getattr(paths, f"{split}_images"), file_name)).convert("RGB"))
 
 
-_DATA_FILES = ("train_odvg", "train_grounding", "label_map", "val_coco", "train_coco_boxes", "train_coco")
+_DATA_FILES = ("train_odvg", "train_grounding", "label_map", "val_coco", "train_coco_boxes", "train_coco",
+               "referring_train", "referring_val", "referring_infer")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from typing import Any, Callable, List, Sequence, Tuple
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from groundlab.config.aliases import resolve_aliases
-from groundlab.config.schema_dataset import DATASET_TYPES, MAL_DATASET_TYPES
+from groundlab.config.schema_dataset import DATASET_TYPES, MAL_DATASET_TYPES, SOURCE_DATA_TYPES, SYNTHETIC_TYPES
 from groundlab.config.schema_model import MODEL_NAMES
 from groundlab.config.schema_trt import DATA_TYPES
 from groundlab.errors import UserError
@@ -18,6 +18,13 @@ from groundlab.errors import UserError
 
 class ConfigError(UserError, ValueError):
     """A config value (or combination of values) that cannot work; the message names the keys."""
+
+
+# Referring segmentation (TAO's data_type=VG, issue 13) lands in parts: the data layer reads VG sources, while the
+# region-query head, VG evaluation and VG inference come separately. Until they are wired end to end, every VG
+# source (and dataset=synthetic_vg) is refused in one sentence; the integrator sets this to True, and the VG rules
+# of `_check_vg` apply instead.
+VG_AVAILABLE = False
 
 
 # ------------------------------------------------------------------------------------ choices and ranges
@@ -134,7 +141,9 @@ RULES: List[Tuple[str, Rule]] = [
     ("dataset.num_workers_per_gpu", at_least(0)),
     ("dataset.crop_size", at_least(1)),
     ("dataset.min_obj_size", at_least(0)),
-    ("dataset.infer_data_sources.data_type", one_of("OD", "VG")),
+    ("dataset.val_data_sources.data_type", one_of(*SOURCE_DATA_TYPES)),
+    ("dataset.test_data_sources.data_type", one_of(*SOURCE_DATA_TYPES)),
+    ("dataset.infer_data_sources.data_type", one_of(*SOURCE_DATA_TYPES)),
     # evaluate / inference
     ("evaluate.conf_threshold", PROBABILITY),
     ("evaluate.nms_threshold", PROBABILITY),
@@ -281,7 +290,7 @@ def _check_dataset(cfg: DictConfig, errors: List[str]) -> None:
     keys = (("train_ann_path", "train_img_dir", "val_ann_path", "val_img_dir") if model == "mal" else
             ("train_data_sources", "val_data_sources.json_file", "val_data_sources.image_dir",
              "test_data_sources.json_file", "test_data_sources.image_dir"))
-    given = [f"dataset.{k}" for k in keys if d.type.endswith("synthetic") and _given(d, k)]
+    given = [f"dataset.{k}" for k in keys if d.type in SYNTHETIC_TYPES and _given(d, k)]
     if given:
         real = "dataset=mal_coco" if model == "mal" else "dataset=odvg or dataset=coco"
         errors.append(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} set, but dataset={d.type} generates "
@@ -312,20 +321,66 @@ def _check_dataset(cfg: DictConfig, errors: List[str]) -> None:
     if d.type in ("odvg", "coco") and cfg.action.name == "train" and not d.train_data_sources:
         errors.append(f"dataset.type={d.type} with action=train needs dataset.train_data_sources.")
     _check_infer_sources(d.infer_data_sources, errors)
+    _check_vg(cfg, errors)
 
 
 def _check_infer_sources(src: DictConfig, errors: List[str]) -> None:
-    """One class list (captions or a classmap file) or a caption per image (json_file); OD only until issue 13."""
+    """One class list (captions or a classmap file) or a caption per image (json_file)."""
     key = "dataset.infer_data_sources"
-    if src.data_type == "VG":
-        errors.append(f"{key}.data_type=VG (referring expressions, TAO's mask_grounding_dino) is not available yet: "
-                      f"VG referring segmentation comes with issue 13; use data_type=OD with a class list.")
     if _given(src, "classmap") and _given(src, "captions"):
         errors.append(f"{key}.classmap and {key}.captions are both given: name the classes once, as a classmap "
                       f"file (one class per line) or as a captions list.")
     if _given(src, "classmap") and _given(src, "json_file"):
         errors.append(f"{key}.classmap and {key}.json_file are both given: a classmap is one class list for every "
                       f"image, json_file a caption per image; choose one.")
+
+
+def _vg_sources(d: DictConfig) -> List[Tuple[str, DictConfig]]:
+    """(config key, source) of every data source with data_type=VG, training sources included."""
+    out = [(f"dataset.train_data_sources[{i}]", src) for i, src in enumerate(d.train_data_sources or [])
+           if src.get("data_type", "OD") == "VG"]
+    out += [(f"dataset.{name}_data_sources", d[f"{name}_data_sources"]) for name in ("val", "test", "infer")
+            if d[f"{name}_data_sources"].get("data_type", "OD") == "VG"]
+    return out
+
+
+def _check_vg(cfg: DictConfig, errors: List[str]) -> None:
+    """data_type=VG (referring expressions) and dataset=synthetic_vg: refused while VG_AVAILABLE is False; else
+    model=mask_gdino only, annotated VG sources are ODVG .jsonl files, VG inference reads an expression per image
+    from infer_data_sources.json_file (dataset=synthetic_vg brings its own)."""
+    d = cfg.dataset
+    for i, src in enumerate(d.train_data_sources or []):  # a list: out of RULES' reach
+        value = src.get("data_type", "OD")
+        if value not in SOURCE_DATA_TYPES:
+            errors.append(f"dataset.train_data_sources[{i}].data_type={value!r} must be one of "
+                          f"{', '.join(SOURCE_DATA_TYPES)}.")
+    sources = _vg_sources(d)
+    asked = [f"{key}.data_type=VG" for key, _ in sources] + (["dataset=synthetic_vg"] if d.type == "synthetic_vg"
+                                                            else [])
+    if not asked:
+        return
+    if not VG_AVAILABLE:
+        instead = "dataset=synthetic" if d.type == "synthetic_vg" else "data_type=OD with a class list"
+        errors.append(f"{', '.join(asked)} (referring expressions, TAO's mask_grounding_dino) is not available yet: "
+                      f"VG referring segmentation comes with issue 13; use {instead}.")
+        return
+    if cfg.model.name != "mask_gdino":
+        errors.append(f"{', '.join(asked)} (referring expressions) needs model=mask_gdino, whose region-query head "
+                      f"segments what an expression refers to, not model={cfg.model.name}.")
+    for key, src in sources:
+        json_file = src.get("json_file") or ""
+        if key.endswith("infer_data_sources"):
+            if not json_file and d.type != "synthetic_vg":
+                errors.append(f"{key}.data_type=VG reads one referring expression per image from {key}.json_file "
+                              f'(a jsonl of {{"image_path": ..., "expression": ...}} lines), which is not given.')
+            for listed in ("captions", "classmap"):
+                if _given(src, listed):
+                    errors.append(f"{key}.{listed} is a class list for data_type=OD, but {key}.data_type=VG reads "
+                                  f"its expressions from {key}.json_file: drop {key}.{listed}.")
+        if json_file and not json_file.endswith(".jsonl"):
+            kind = "a .jsonl file" if key.endswith("infer_data_sources") else "an ODVG .jsonl file"
+            errors.append(f"{key}.data_type=VG reads referring expressions from {kind}, but "
+                          f"{key}.json_file={json_file!r} is not one.")
 
 
 def _check_gen_trt_engine(cfg: DictConfig, errors: List[str]) -> None:
@@ -340,7 +395,7 @@ def _check_gen_trt_engine(cfg: DictConfig, errors: List[str]) -> None:
 
 
 def _check_synthetic(cfg: DictConfig, errors: List[str]) -> None:
-    if not cfg.dataset.type.endswith("synthetic"):
+    if cfg.dataset.type not in SYNTHETIC_TYPES:
         return
     s = cfg.dataset.synthetic
     if s.min_objects > s.max_objects:

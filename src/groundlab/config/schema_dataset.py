@@ -18,6 +18,9 @@ class DataSource:
     image_dir: str = ""
     json_file: str = ""
     label_map: Optional[str] = None  # ODVG detection jsonl only: {"0": "name", ...}
+    # OD: detection / grounding records evaluated as detection (COCO bbox/segm). VG: referring expressions (an
+    # ODVG jsonl of grounding records, each one expression with the regions it refers to; mask_gdino only).
+    data_type: str = "OD"
 
 
 @dataclass
@@ -28,8 +31,10 @@ class InferDataSources:
     image_dir: List[str] = field(default_factory=list)
     captions: List[str] = field(default_factory=list)  # class names shared by every image (raw)
     classmap: Optional[str] = None  # the same, as a text file of one class name per line (instead of captions)
-    json_file: Optional[str] = None  # coco_raw: jsonl of {"image_path": ..., "caption": ...}
-    data_type: str = "OD"  # OD: object detection with a class list; VG (referring expressions) comes with issue 13
+    json_file: Optional[str] = None  # coco_raw: jsonl of {"image_path": ..., "caption": ...} (VG: "expression")
+    # OD: object detection with a class list (or a caption per image); VG: one referring expression per line of
+    # json_file, segmented as a whole (mask_gdino only)
+    data_type: str = "OD"
 
 
 @dataclass
@@ -69,7 +74,7 @@ class SyntheticConfig:
 
 @dataclass
 class DatasetConfig:
-    """Grounding DINO / Mask Grounding DINO data (dataset=odvg|coco|raw|coco_raw|synthetic)."""
+    """Grounding DINO / Mask Grounding DINO data (dataset=odvg|coco|raw|coco_raw|synthetic|synthetic_vg)."""
 
     type: str = "odvg"
     train_data_sources: List[DataSource] = field(default_factory=list)
@@ -116,5 +121,8 @@ class MALDatasetConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
-DATASET_TYPES = ("odvg", "coco", "raw", "coco_raw", "synthetic")
+DATASET_TYPES = ("odvg", "coco", "raw", "coco_raw", "synthetic", "synthetic_vg")
 MAL_DATASET_TYPES = ("mal_coco", "mal_synthetic")
+# the generated datasets (groundlab.data.synthetic): their sources are filled in by the data layer
+SYNTHETIC_TYPES = ("synthetic", "synthetic_vg", "mal_synthetic")
+SOURCE_DATA_TYPES = ("OD", "VG")  # a data source's data_type

@@ -4,6 +4,12 @@ Training samples get a prompt of their positive classes plus random negatives (s
 epoch, so any worker produces the same sample); evaluation samples get all class names (or None when
 they need several prompts: the evaluator chunks them). Grounding records bring their own caption.
 
+Referring expressions (VG, records with `referring`): in training they are grounding records (the caption is
+the expression, its regions' tokens_positive the positive tokens; an expression that refers to nothing gives
+zero boxes under the whole expression as its one phrase). Evaluated from a data_type=VG source, the prompt is
+the whole expression as one phrase, every referred box belongs to it, and the target carries the union of the
+referred masks at the original image size (what VG metrics compare against).
+
 An image that cannot be decoded is, in evaluation, a `BadImage` item (the collate and the action skip and
 list it); in training it is counted (see `bad_images.BadImageBudget`) and the next index's record is used
 instead, under the bad index's random seed, so the sample is the same in every run and after a resume.
@@ -18,7 +24,7 @@ import numpy as np
 import torch
 
 from groundlab.text.captions import (
-    Prompt, class_prompt, grounding_prompt, prompt_token_len, sample_detection_prompt,
+    Prompt, class_prompt, expression_prompt, grounding_prompt, prompt_token_len, sample_detection_prompt,
 )
 from groundlab.errors import DataError
 from groundlab.data.bad_images import BadImage, BadImageBudget
@@ -34,13 +40,15 @@ from groundlab.data.transforms import PER_BOX_KEYS
 class AnnotatedSource:
     """One annotation file with its images.
 
-    class_names[i] is class index i; category_ids[i] its COCO id (None for ODVG: the label map's order)."""
+    class_names[i] is class index i; category_ids[i] its COCO id (None for ODVG: the label map's order).
+    data_type "VG": referring expressions, evaluated as such (see GroundingDataset)."""
 
     name: str
     records: RecordIndex
     images: ImageSource
     class_names: List[str]
     category_ids: Optional[List[int]] = None
+    data_type: str = "OD"
 
 
 class GroundingDataset(torch.utils.data.Dataset):
@@ -51,6 +59,11 @@ class GroundingDataset(torch.utils.data.Dataset):
     phrases, "iscrowd": (N,), "masks": (N, H, W) bool when load_masks, "image_id", "orig_size" (h, w),
     "size" (h, w), "num_dropped", "num_clamped"}, "prompt": Prompt or None, "prompt_class_ids": class
     index per prompt phrase (-1 for grounding), "source": source index, "file_name", "where"}.
+    Referring records add target["empty"] (bool: the expression refers to nothing; then N = 0). Evaluated
+    from a data_type=VG source (train=False) the prompt is `expression_prompt(expression)` (one phrase, the
+    whole text), phrase_ids are all 0, and the target adds "vg_union": (H0, W0) bool, the union of the
+    referred objects' masks at the original size orig_size (all False when empty), which the transforms
+    pass through untouched.
     Evaluation (train=False): a `BadImage` for an image that cannot be decoded. Training: another record in
     its place, until more than `max_bad_image_fraction` of the records' images failed in this process
     (DataError naming dataset.max_bad_image_fraction).
@@ -118,6 +131,10 @@ class GroundingDataset(torch.utils.data.Dataset):
         image = self.load_image(s, rec)
         H, W = image.shape[:2]
         target = self._target(rec, H, W)
+        if rec.get("referring"):
+            target["empty"] = bool(rec["empty"])
+            if self._vg_eval(s):
+                target["vg_union"] = referred_union(rec, H, W)
         prompt, class_ids = self._prompt(s, rec, target, rng)
         img = torch.from_numpy(image).permute(2, 0, 1).float()
         img, target = self.transforms(img, target, rng)
@@ -154,9 +171,18 @@ class GroundingDataset(torch.utils.data.Dataset):
             target["num_dropped"] = int((~keep).sum())
         return target
 
+    def _vg_eval(self, s: int) -> bool:
+        """Source `s` is evaluated as referring expressions (a data_type=VG source outside training)."""
+        return not self.train and self.sources[s].data_type == "VG"
+
     def _prompt(self, s: int, rec: Dict[str, Any], target: Dict[str, Any], rng: np.random.Generator):
-        """(Prompt or None, class index per phrase); rewrites target["phrase_ids"] for sampled prompts."""
+        """(Prompt or None, class index per phrase); rewrites target["phrase_ids"] for sampled prompts and
+        for referring expressions evaluated as a whole."""
         if rec["kind"] == "grounding":
+            if rec.get("referring") and (self._vg_eval(s) or not rec["phrases"]):
+                # every referred box belongs to the one phrase: the expression as a whole
+                target["phrase_ids"] = torch.zeros_like(target["phrase_ids"])
+                return expression_prompt(rec["caption"], rec["where"]), [-1]
             prompt = grounding_prompt(rec["caption"], rec["phrases"], rec["spans"], rec["where"])
             return prompt, [-1] * len(prompt.phrases)
         names = self.sources[s].class_names
@@ -171,6 +197,18 @@ class GroundingDataset(torch.utils.data.Dataset):
         position = {c: k for k, c in enumerate(class_ids)}
         target["phrase_ids"] = torch.tensor([position[int(c)] for c in target["labels"]], dtype=torch.long)
         return prompt, class_ids
+
+
+def referred_union(rec: Dict[str, Any], H: int, W: int) -> torch.Tensor:
+    """(H, W) bool union of a referring record's region masks at the image's size (all False for an expression
+    that refers to nothing); a referred region without a mask is a DataError naming the record."""
+    if rec["masks"] is None and rec["boxes"]:
+        raise DataError("VG evaluation needs a mask on every region of a referring expression (the metrics compare "
+                        "the union of the referred masks)", rec["where"])
+    union = np.zeros((H, W), dtype=bool)
+    for m in rec["masks"] or []:
+        union |= decode_segmentation(m, H, W, rec["where"])
+    return torch.from_numpy(union)
 
 
 def sample_prompt_text(prompt: Optional[Prompt]) -> str:

@@ -4,7 +4,14 @@ One image per line; the image key is `file_name` (TAO) or `filename` (Open-Groun
 - detection: {"detection": {"instances": [{"bbox": [x1, y1, x2, y2], "label": 3, "category": "cat",
   "mask": <COCO polygons or RLE, optional>}]}} with a label map file {"0": "person", ...}.
 - grounding: {"grounding": {"caption": "...", "regions": [{"bbox": [...], "phrase": "a dog",
-  "tokens_positive": [[start, end]] (optional)}]}}.
+  "tokens_positive": [[start, end]] (optional), "mask": <optional>}]}}.
+- referring (VG, TAO's mask_grounding_dino): a grounding record with one referring expression,
+  {"grounding": {"expression": "the largest red shape" (or "caption"), "regions": [{"bbox": [...],
+  "mask": <COCO polygons or RLE>, "tokens_positive": [[4, 21]], "phrase": <optional>}], "empty": false}}:
+  the regions are every object the expression refers to. A region's phrase defaults to the text of its first
+  tokens_positive span, else the whole expression. "empty": true (under "grounding" or at the line's top
+  level) marks an expression that refers to nothing, and then the line has no regions (a referring line
+  without regions and without "empty" is read as empty too).
 Records are streamed into a RecordIndex; errors name `file:line`. A line's height/width, when given, are
 the size its boxes were drawn on (see `exif_orientation` for photos whose EXIF would turn them).
 """
@@ -79,20 +86,56 @@ def _detection(obj, label_to_idx, h, w, where, stats) -> Dict[str, Any]:
             "num_masks": _count(masks)}
 
 
-def _grounding(obj, h, w, where, stats) -> Dict[str, Any]:
+def _empty_flag(obj: Dict[str, Any], g: Dict[str, Any], where: str) -> Optional[bool]:
+    """The line's `empty` (at grounding.empty or the top level), or None when it says nothing."""
+    value = g.get("empty", obj.get("empty"))
+    if value is not None and not isinstance(value, bool):
+        raise DataError(f"'empty' must be true or false, not {value!r}", where)
+    return value
+
+
+def _region_phrase(region: Dict[str, Any], text: str, referring: bool, k: int, where: str):
+    """(phrase, tokens_positive) of a region. A referring region may leave out its phrase: it is the text of its
+    first tokens_positive span, or the whole expression (then spanning all of it)."""
+    phrase, tp = region.get("phrase"), region.get("tokens_positive")
+    if isinstance(phrase, str) and phrase.strip():
+        return phrase, tp
+    if not referring:
+        raise DataError("grounding region needs a non-empty 'phrase'", where)
+    if not tp:
+        return text, [[0, len(text)]]
+    try:
+        start, end = (int(v) for v in tp[0])
+    except (TypeError, ValueError):
+        raise DataError(f"region {k}: tokens_positive must be [[start, end], ...], not {tp!r}", where) from None
+    if not 0 <= start < end <= len(text):
+        raise DataError(f"region {k}: tokens_positive span [{start}, {end}] is outside the expression "
+                        f"({len(text)} characters)", where)
+    return text[start:end], tp
+
+
+def _grounding(obj, h, w, where, stats, referring: bool = False) -> Dict[str, Any]:
     g = obj["grounding"]
-    caption = g.get("caption")
-    if not isinstance(caption, str) or not caption.strip():
-        raise DataError("grounding record needs a non-empty 'caption'", where)
+    empty = _empty_flag(obj, g, where)
+    # a referring (VG) line: named so by its source, or by its own "expression" or "empty" key
+    referring = referring or "expression" in g or empty is not None
+    text = g.get("expression", g.get("caption")) if referring else g.get("caption")
+    if not isinstance(text, str) or not text.strip():
+        raise DataError("referring record needs a non-empty 'expression' (or 'caption')" if referring else
+                        "grounding record needs a non-empty 'caption'", where)
+    regions = g.get("regions", []) or []
+    if empty and regions:
+        raise DataError(f"the line says empty: true (an expression that refers to nothing) but has "
+                        f"{len(regions)} region(s)", where)
+    if empty is False and not regions and referring:
+        raise DataError("the line says empty: false but has no regions (an expression that refers to nothing "
+                        "says empty: true)", where)
     phrases: List[str] = []
     spans: List[Optional[List[List[int]]]] = []
     key_to_id: Dict[Tuple, int] = {}
     boxes, labels, masks = [], [], []
-    for k, region in enumerate(g.get("regions", []) or []):
-        phrase = region.get("phrase")
-        if not isinstance(phrase, str) or not phrase.strip():
-            raise DataError("grounding region needs a non-empty 'phrase'", where)
-        tp = region.get("tokens_positive")
+    for k, region in enumerate(regions):
+        phrase, tp = _region_phrase(region, text, referring, k, where)
         key = (phrase, json.dumps(tp))
         if key not in key_to_id:
             key_to_id[key] = len(phrases)
@@ -108,12 +151,13 @@ def _grounding(obj, h, w, where, stats) -> Dict[str, Any]:
         masks.append(region.get("mask"))
     has_masks = _masks_complete(masks, where, stats)
     return {"kind": "grounding", "boxes": boxes, "labels": labels, "masks": masks if has_masks else None,
-            "num_masks": _count(masks), "caption": caption, "phrases": phrases, "spans": spans}
+            "num_masks": _count(masks), "caption": text, "phrases": phrases, "spans": spans,
+            "referring": referring, "empty": referring and not regions, "expression": text if referring else None}
 
 
 def iter_odvg(
     json_file: str, label_to_idx: Optional[Dict[int, int]], source: Optional[ImageSource],
-    skip_missing: bool, stats: ReadStats, orientation: Optional[OrientationCheck] = None,
+    skip_missing: bool, stats: ReadStats, orientation: Optional[OrientationCheck] = None, data_type: str = "OD",
 ) -> Iterator[Dict[str, Any]]:
     """Parse and validate each line into a record dict (see read_odvg); `orientation` notes the images
     read as stored (EXIF not applied) because the line's height/width are their stored size."""
@@ -130,9 +174,12 @@ def iter_odvg(
         if orientation is not None:
             orientation.check(name, h, w)
         if "detection" in obj:
+            if data_type == "VG":
+                raise DataError("a data_type=VG source holds referring expressions ('grounding' records with an "
+                                "'expression'), not 'detection' records", where)
             rec = _detection(obj, label_to_idx, h, w, where, stats)
         elif "grounding" in obj:
-            rec = _grounding(obj, h, w, where, stats)
+            rec = _grounding(obj, h, w, where, stats, referring=data_type == "VG")
         else:
             raise DataError("record has neither 'detection' nor 'grounding'", where)
         rec.update({"file_name": name, "height": h, "width": w, "image_id": lineno, "where": where})
@@ -143,7 +190,7 @@ def iter_odvg(
 
 def read_odvg(
     json_file: str, label_map: Optional[str] = None, source: Optional[ImageSource] = None,
-    skip_missing: bool = False,
+    skip_missing: bool = False, data_type: str = "OD",
 ) -> Tuple[RecordIndex, List[str], ReadStats]:
     """(records, class names from the label map (empty without one), read stats).
 
@@ -151,12 +198,17 @@ def read_odvg(
     (the line number), where ("file:line"), boxes [[x1, y1, x2, y2]] pixels, labels (class index for
     detection, phrase index for grounding), masks (list of segmentations, or None unless every box has one),
     num_masks (how many boxes have one: `data.mask_checks` names records with only some); grounding records
-    add caption, phrases, spans (per phrase: [[start, end], ...] or None). An RLE mask whose size is not the
-    line's height/width (when given) is a DataError naming the line and instance."""
+    add caption, phrases, spans (per phrase: [[start, end], ...] or None), referring (bool), empty (bool: a
+    referring expression that refers to nothing) and expression (the caption of a referring record, else None).
+    An RLE mask whose size is not the line's height/width (when given) is a DataError naming the line and instance.
+
+    data_type="VG": every line must be a grounding record, read as a referring expression (see the module
+    docstring); with "OD" a grounding line is referring when it has an "expression" or "empty" key."""
     names, label_to_idx = read_label_map(label_map) if label_map else ([], None)
     stats = ReadStats(json_file)
     orientation = OrientationCheck(json_file, source)
-    index = RecordIndex.build(iter_odvg(json_file, label_to_idx, source, skip_missing, stats, orientation))
+    index = RecordIndex.build(iter_odvg(json_file, label_to_idx, source, skip_missing, stats, orientation,
+                                        data_type))
     stats.log()
     orientation.log()
     return index, names, stats

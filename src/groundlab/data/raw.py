@@ -1,6 +1,8 @@
 """Unannotated inputs for inference: `raw` (image folders or archives + one class list, given as a list or as
 a classmap text file) and `coco_raw` (jsonl lines {"image_path": ..., "caption": ...}, each image with its own
-caption)."""
+caption). With data_type=VG (referring expressions, TAO's mask_grounding_dino) the same jsonl holds
+{"image_path": ..., "expression": ...} lines, one expression per line (an image may appear on several lines),
+each prompted as one phrase: `item_prompt`."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from groundlab.text.captions import Prompt, Span
+from groundlab.text.captions import Prompt, Span, expression_prompt
 from groundlab.errors import DataError, MissingFile
 from groundlab.data.bad_images import BadImage
 from groundlab.data.image_decode import ImageDecodeError, decode_rgb
@@ -25,7 +27,8 @@ from groundlab.data.sources import open_images
 class InferItem:
     source: int  # index into the image sources
     name: str  # image name inside that source
-    caption: Optional[str] = None  # coco_raw: the image's own caption
+    caption: Optional[str] = None  # coco_raw: the image's own caption (VG: its referring expression)
+    referring: bool = False  # VG: `caption` is one referring expression, prompted as a whole
 
 
 def caption_prompt(caption: str) -> Prompt:
@@ -45,6 +48,11 @@ def caption_prompt(caption: str) -> Prompt:
     if not phrases:
         raise DataError(f"caption {caption!r} has no words")
     return Prompt(caption, tuple(phrases), tuple(spans))
+
+
+def item_prompt(caption: str, referring: bool = False, where: Optional[str] = None) -> Prompt:
+    """The prompt of an inference item: a referring expression as one phrase (VG), else `caption_prompt`."""
+    return expression_prompt(caption, where) if referring else caption_prompt(caption)
 
 
 def open_sources(image_dirs: Sequence[str], cache_dir: Optional[str]) -> List[ImageSource]:
@@ -77,21 +85,26 @@ def list_raw(sources: Sequence[ImageSource]) -> List[InferItem]:
     return [InferItem(s, name) for s, src in enumerate(sources) for name in src.names()]
 
 
-def read_coco_raw(json_file: str, sources: Sequence[ImageSource], skip_missing: bool = False) -> List[InferItem]:
-    """Items of a coco_raw jsonl; an image_path is looked up in each source in turn."""
+def read_coco_raw(json_file: str, sources: Sequence[ImageSource], skip_missing: bool = False,
+                  data_type: str = "OD") -> List[InferItem]:
+    """Items of a coco_raw jsonl; an image_path is looked up in each source in turn. data_type="VG": each line's
+    text is its "expression" (or "caption"), and the items are `referring`."""
     stats = ReadStats(json_file)
+    referring = data_type == "VG"
+    key, what = ("expression", "expression file") if referring else ("caption", "caption file")
     items: List[InferItem] = []
-    for _, where, obj in iter_jsonl(json_file, "caption file"):
-        path, caption = obj.get("image_path"), obj.get("caption")
-        if not isinstance(path, str) or not isinstance(caption, str) or not caption.strip():
-            raise DataError("each line needs 'image_path' and a non-empty 'caption'", where)
+    for _, where, obj in iter_jsonl(json_file, what):
+        path = obj.get("image_path")
+        text = obj.get("expression", obj.get("caption")) if referring else obj.get("caption")
+        if not isinstance(path, str) or not isinstance(text, str) or not text.strip():
+            raise DataError(f"each line needs 'image_path' and a non-empty '{key}'", where)
         s = next((k for k, src in enumerate(sources) if src.exists(path)), None)
         if s is None:
             if not skip_missing:
                 raise DataError(f"image {path!r} is in none of {[src.path for src in sources]}", where)
             stats.add("missing images skipped", where)
             continue
-        items.append(InferItem(s, path, caption))
+        items.append(InferItem(s, path, text, referring))
         stats.records += 1
     stats.log()
     return items
@@ -99,8 +112,9 @@ def read_coco_raw(json_file: str, sources: Sequence[ImageSource], skip_missing: 
 
 class InferenceDataset(torch.utils.data.Dataset):
     """Items: {"image": (3, H, W) normalized, "orig_size": (h, w), "size": (h, w), "caption": str or None,
-    "source": int, "file_name": str}; `transforms` as in groundlab.data.transforms (eval). An image that
-    cannot be decoded gives a `BadImage` instead (the action skips and lists it)."""
+    "referring": bool (VG: the caption is a referring expression, see `item_prompt`), "source": int,
+    "file_name": str}; `transforms` as in groundlab.data.transforms (eval). An image that cannot be decoded
+    gives a `BadImage` instead (the action skips and lists it)."""
 
     def __init__(self, sources: Sequence[ImageSource], items: Sequence[InferItem], transforms):
         self.sources, self.items, self.transforms = list(sources), list(items), transforms
@@ -120,4 +134,4 @@ class InferenceDataset(torch.utils.data.Dataset):
         img, target = self.transforms(torch.from_numpy(image).permute(2, 0, 1).float(), target,
                                       np.random.default_rng(index))
         return {"image": img, "orig_size": torch.tensor([h, w]), "size": target["size"],
-                "caption": item.caption, "source": item.source, "file_name": item.name}
+                "caption": item.caption, "referring": item.referring, "source": item.source, "file_name": item.name}

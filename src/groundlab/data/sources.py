@@ -45,21 +45,33 @@ def open_images(path: str, key: str, cache_dir: Optional[str]) -> ImageSource:
 
 
 def resolve_sources(dataset: DictConfig, cache_dir: str) -> Dict[str, Any]:
-    """{"train": [source dicts], "val": source dict or None, "test": ..., "quant_calibration": ...} with keys image_dir,
-    json_file, label_map. For dataset.type=synthetic they point into the generated dataset."""
+    """{"train": [source dicts], "val": source dict or None, "test": ..., "quant_calibration": ..., "infer": ...}.
+    Annotated sources have keys image_dir, json_file, label_map, data_type ("OD" | "VG"); "infer" is
+    dataset.infer_data_sources as a dict (image_dir a list, json_file, data_type, captions, classmap).
+    For dataset.type=synthetic and synthetic_vg they point into the generated dataset: synthetic_vg trains on
+    referring_train.jsonl, evaluates referring_val.jsonl and infers referring_infer.jsonl (val images), all VG."""
+    container = OmegaConf.to_container(dataset, resolve=True)
+    infer = container.get("infer_data_sources")
     if dataset.type == "synthetic":
         p = synthetic_paths(dataset, cache_dir)
-        val = {"image_dir": p.val_images, "json_file": p.val_coco, "label_map": None}
-        train = {"image_dir": p.train_images, "json_file": p.train_odvg, "label_map": p.label_map}
-        return {"train": [train], "val": val, "test": val, "quant_calibration": train}
-    container = OmegaConf.to_container(dataset, resolve=True)
+        val = {"image_dir": p.val_images, "json_file": p.val_coco, "label_map": None, "data_type": "OD"}
+        train = {"image_dir": p.train_images, "json_file": p.train_odvg, "label_map": p.label_map, "data_type": "OD"}
+        return {"train": [train], "val": val, "test": val, "quant_calibration": train, "infer": infer}
+    if dataset.type == "synthetic_vg":
+        p = synthetic_paths(dataset, cache_dir)
+        val = {"image_dir": p.val_images, "json_file": p.referring_val, "label_map": None, "data_type": "VG"}
+        train = {"image_dir": p.train_images, "json_file": p.referring_train, "label_map": None, "data_type": "VG"}
+        if not infer.get("image_dir") and not infer.get("json_file"):  # the user's own images win
+            infer = {"image_dir": [p.val_images], "json_file": p.referring_infer, "data_type": "VG", "captions": [],
+                     "classmap": None}
+        return {"train": [train], "val": val, "test": val, "quant_calibration": train, "infer": infer}
 
     def given(source):
         return source if source and source.get("json_file") else None
 
     return {"train": list(container.get("train_data_sources") or []),
             "val": given(container.get("val_data_sources")), "test": given(container.get("test_data_sources")),
-            "quant_calibration": given(container.get("quant_calibration_data_sources"))}
+            "quant_calibration": given(container.get("quant_calibration_data_sources")), "infer": infer}
 
 
 def load_source(source: Dict[str, Any], key: str, cache_dir: str, skip_missing: bool = False,
@@ -69,10 +81,14 @@ def load_source(source: Dict[str, Any], key: str, cache_dir: str, skip_missing: 
     json_file = source.get("json_file") or ""
     if not json_file or not os.path.isfile(json_file):
         raise DataError(f"{key}.json_file={json_file!r} is not a file")
+    data_type = source.get("data_type") or "OD"
+    if data_type == "VG" and not json_file.endswith(".jsonl"):
+        raise DataError(f"{key}.data_type=VG reads referring expressions from an ODVG .jsonl file, but "
+                        f"{key}.json_file={json_file!r} is not one")
     images = open_images(source.get("image_dir") or "", f"{key}.image_dir", cache_dir)
     if json_file.endswith(".jsonl"):
-        records, names, _ = read_odvg(json_file, source.get("label_map"), images, skip_missing)
-        return AnnotatedSource(json_file, records, images, names)
+        records, names, _ = read_odvg(json_file, source.get("label_map"), images, skip_missing, data_type)
+        return AnnotatedSource(json_file, records, images, names, data_type=data_type)
     if json_file.endswith(".json"):
         records, names, cat_ids, _ = read_coco(json_file, images, skip_missing, use_masks)
         return AnnotatedSource(json_file, records, images, names, cat_ids)

@@ -4,7 +4,8 @@ Each image shows 1..N objects such as "red circle" or "blue square" on a muted, 
 Classes are the (colour, shape) pairs, so a grounding model must read both words of the prompt. The dataset
 is generated on first use into ``{cache_dir}/synthetic/{spec.digest()}`` and reused afterwards; every image
 has its own RNG seeded by ``(seed, split, index)``, so output is byte-identical across runs and machines
-running the same library versions.
+running the same library versions. The same scenes also come with referring expressions (VG: "the largest
+square", "shape left of the green triangle", no-target ones): see ``synthetic_referring``.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from groundlab.data.synthetic_referring import infer_lines, referring_split
+
 # Part of the digest: bump it whenever the generator's output changes so stale caches are not reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: referring expressions (referring_*.jsonl)
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40),
@@ -126,6 +129,9 @@ class SyntheticPaths:
     val_coco: str  # COCO json with RLE segmentation
     train_coco_boxes: str  # COCO json of the train split, boxes only (MAL's training input)
     train_coco: str  # COCO json of the train split with RLE segmentation (ground truth for MAL)
+    referring_train: str  # ODVG VG jsonl: referring expressions of the train images (regions with RLE masks)
+    referring_val: str  # ODVG VG jsonl of the val images
+    referring_infer: str  # inference jsonl {"image_path", "expression"}: referring_val's expressions, val images
 
 
 def _interp_matrix(n: int, g: int) -> np.ndarray:
@@ -303,12 +309,19 @@ def _paths(spec: SyntheticSpec, root: str) -> SyntheticPaths:
     return SyntheticPaths(root=root, train_images=images["train"], val_images=images["val"],
                           train_odvg=j("train_odvg.jsonl"), train_grounding=j("train_grounding.jsonl"),
                           label_map=j("label_map.json"), val_coco=j("val_coco.json"),
-                          train_coco_boxes=j("train_coco_boxes.json"), train_coco=j("train_coco.json"))
+                          train_coco_boxes=j("train_coco_boxes.json"), train_coco=j("train_coco.json"),
+                          referring_train=j("referring_train.jsonl"), referring_val=j("referring_val.jsonl"),
+                          referring_infer=j("referring_infer.jsonl"))
 
 
 def _write_json(path: str, obj) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f)
+
+
+def _write_jsonl(path: str, lines) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(line) + "\n" for line in lines)
 
 
 def _generate(spec: SyntheticSpec, root: str) -> None:
@@ -347,6 +360,11 @@ def _generate(spec: SyntheticSpec, root: str) -> None:
     _write_json(paths.val_coco, _coco(rows["val"], names, h, w, masks=True))
     _write_json(paths.train_coco, _coco(rows["train"], names, h, w, masks=True))
     _write_json(paths.train_coco_boxes, _coco(rows["train"], names, h, w, masks=False))
+    for split in _SPLITS:
+        lines = referring_split(rows[split], split, _SPLITS[split], spec.seed, spec.colors, spec.shapes, (h, w))
+        _write_jsonl(getattr(paths, f"referring_{split}"), lines)
+        if split == "val":
+            _write_jsonl(paths.referring_infer, infer_lines(lines))
     # Written last: its presence is what marks the dataset complete.
     _write_json(os.path.join(root, _MARKER), {**dataclasses.asdict(spec), "class_names": names})
 

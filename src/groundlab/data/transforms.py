@@ -4,7 +4,9 @@ A transform maps (image, target, rng) -> (image, target):
   image:  (3, H, W) float32 tensor, 0..255 until Normalize, then mean/std normalized.
   target: dict with "boxes" (N, 4) float xyxy pixels (normalized cxcywh after Normalize), optional
           "masks" (N, H, W) bool, and per-box tensors under PER_BOX_KEYS filtered together with boxes.
-          Boxes that a crop makes degenerate are dropped and counted in target["num_dropped"].
+          Boxes that a crop makes degenerate are dropped and counted in target["num_dropped"]. Every other
+          key passes through untouched: "orig_size", "image_id", and a referring expression's "empty" and
+          "vg_union" ((H0, W0) bool at the original image size, what VG metrics compare against).
   rng:    np.random.Generator of the sample, so augmentation is reproducible in any worker.
 """
 

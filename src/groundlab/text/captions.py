@@ -2,7 +2,8 @@
 
 A class prompt is `" . ".join(names) + " ."`; each name's span is recorded while the string is built,
 never searched for afterwards, so "car" and "race car" in one prompt map to their own tokens.
-Grounding captions bring their own spans (ODVG `tokens_positive`).
+Grounding captions bring their own spans (ODVG `tokens_positive`); a referring expression (VG) is one
+phrase spanning its whole text.
 """
 
 from __future__ import annotations
@@ -166,3 +167,11 @@ def grounding_prompt(
         claimed.append(found)
         out.append((found,))
     return Prompt(caption, tuple(phrases), tuple(out))
+
+
+def expression_prompt(expression: str, where: Optional[str] = None) -> Prompt:
+    """A referring expression (VG) as one phrase spanning the whole text: the model segments what the expression
+    as a whole refers to, so no word of it is singled out (an empty expression is a DataError naming `where`)."""
+    if not expression.strip():
+        raise DataError("a referring expression has no words", where)
+    return grounding_prompt(expression, [expression], [[(0, len(expression))]], where)
