@@ -173,11 +173,11 @@ def test_classmap_with_another_class_source_is_refused(compose, other, fragment)
         check_config(cfg)
 
 
-def test_vg_data_type_is_refused_until_referring_segmentation_lands(compose):
+def test_vg_inference_needs_an_expression_file(compose):
     cfg = compose(["model=mask_gdino"] + RAW + ["dataset.infer_data_sources.data_type=VG"])
     with pytest.raises(ConfigError) as info:
         check_config(cfg)
-    assert "data_type=VG" in str(info.value) and "not available yet" in str(info.value)
+    assert "dataset.infer_data_sources.data_type=VG reads one referring expression per image" in str(info.value)
     assert compose(RAW).dataset.infer_data_sources.data_type == "OD"
 
 

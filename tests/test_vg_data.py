@@ -375,23 +375,6 @@ def _refused(cfg) -> str:
     return str(info.value)
 
 
-@pytest.mark.parametrize("overrides, key", [
-    (["dataset.val_data_sources.data_type=VG"], "dataset.val_data_sources.data_type=VG"),
-    (["dataset.test_data_sources.data_type=VG"], "dataset.test_data_sources.data_type=VG"),
-    (["dataset=synthetic_vg"], "dataset=synthetic_vg"),
-])
-def test_vg_is_refused_until_the_integrator_flips_the_flag(compose, overrides, key):
-    message = _refused(compose(["model=mask_gdino"] + overrides))
-    assert f"{key} (referring expressions, TAO's mask_grounding_dino) is not available yet" in message
-
-
-@pytest.fixture
-def vg_on(monkeypatch):
-    import groundlab.config.checks as checks
-
-    monkeypatch.setattr(checks, "VG_AVAILABLE", True)
-
-
 VG_RULES = [
     (["model=gdino", "dataset.val_data_sources.data_type=VG"],
      "dataset.val_data_sources.data_type=VG (referring expressions) needs model=mask_gdino"),
@@ -412,7 +395,7 @@ VG_RULES = [
 
 
 @pytest.mark.parametrize("overrides, fragment", VG_RULES, ids=[r[1][:60] for r in VG_RULES])
-def test_vg_rules_name_the_key(compose, vg_on, overrides, fragment):
+def test_vg_rules_name_the_key(compose, overrides, fragment):
     assert fragment in _refused(compose(overrides))
 
 
@@ -424,5 +407,5 @@ def test_vg_rules_name_the_key(compose, vg_on, overrides, fragment):
      "dataset.infer_data_sources.json_file=E/inference.jsonl"],
     ["model=mask_gdino", "dataset.val_data_sources.data_type=OD"],  # TAO's explicit OD
 ])
-def test_vg_configs_pass_once_available(compose, vg_on, overrides):
+def test_vg_configs_pass_once_available(compose, overrides):
     check_config(compose(overrides))

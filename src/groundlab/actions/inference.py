@@ -10,6 +10,12 @@ results.json (COCO detections) and images.json (the COCO images and categories t
 annotated image and as an RLE "segmentation" in results.json; the KITTI files stay boxes only. An image that
 cannot be decoded is skipped, named in the log and listed in images.json under "skipped_images"
 ({"file_name", "source", "reason"}); the metrics count it (images_skipped).
+
+Referring segmentation (dataset.infer_data_sources.data_type=VG, a Mask Grounding DINO with region queries):
+json_file is a jsonl of {"image_path", "expression"} (images under image_dir, else beside the jsonl); each
+expression is one output (file names get the expression's id), its detections labelled with the expression's
+words they answer to, its annotated image topped by the expression, or by "no target: ..." on red when the model
+decides it refers to nothing; images.json records "expression" and "no_target" per entry.
 """
 
 from __future__ import annotations
@@ -29,10 +35,10 @@ from groundlab.data.bad_images import BadImage, log_skipped, split_bad
 from groundlab.data.collate import pad_images
 from groundlab.data.image_decode import decode_rgb
 from groundlab.data.odvg import read_label_map
-from groundlab.data.raw import (InferenceDataset, InferItem, caption_prompt, list_raw, open_sources, read_classmap,
-                                read_coco_raw)
-from groundlab.data.sources import synthetic_paths
-from groundlab.deploy.mask_overlay import draw_masked_detections
+from groundlab.data.raw import (InferenceDataset, InferItem, caption_prompt, item_prompt, list_raw, open_sources,
+                                read_classmap, read_coco_raw)
+from groundlab.data.sources import resolve_sources, synthetic_paths
+from groundlab.deploy.mask_overlay import draw_expression_banner, draw_masked_detections
 from groundlab.deploy.writers import CocoResultsWriter, draw_detections, write_kitti
 from groundlab.engine.devices import run_device
 from groundlab.predict.backends import choose_backend, open_predictor, predictor_transforms
@@ -42,9 +48,15 @@ log = logging.getLogger(__name__)
 
 def inference_inputs(cfg: DictConfig) -> Tuple[list, List[InferItem], Optional[List[str]]]:
     """(image sources, items, class names or None for per-image captions) from dataset.infer_data_sources,
-    or the synthetic val images with its label map when none are given and dataset=synthetic."""
+    or the synthetic val images with its label map when none are given and dataset=synthetic (dataset=synthetic_vg:
+    its referring expressions on the val images). data_type=VG items are `referring` (InferItem)."""
     src = cfg.dataset.infer_data_sources
     cache = os.path.expanduser(cfg.cache_dir)
+    resolved = resolve_sources(cfg.dataset, cache)["infer"]
+    if resolved.get("data_type") == "VG":  # an expression per line; images beside the jsonl unless image_dir says
+        dirs = list(resolved.get("image_dir") or []) or [os.path.dirname(os.path.abspath(resolved["json_file"]))]
+        sources = open_sources(dirs, cache)
+        return sources, read_coco_raw(resolved["json_file"], sources, cfg.dataset.skip_missing_images, "VG"), None
     if src.image_dir:
         # a classmap is read before the images open (an archive may take a while to decompress)
         names = read_classmap(src.classmap) if src.classmap else [str(c) for c in src.captions]
@@ -70,7 +82,8 @@ def _collate(items):
         return {"images": None, "skipped": bad}
     images, padding = pad_images([it["image"] for it in items])
     return {"images": images, "padding_mask": padding, "orig_sizes": torch.stack([it["orig_size"] for it in items]),
-            "captions": [it["caption"] for it in items], "sources": [it["source"] for it in items],
+            "captions": [it["caption"] for it in items], "referring": [it.get("referring", False) for it in items],
+            "sources": [it["source"] for it in items],
             "file_names": [it["file_name"] for it in items], "skipped": bad}
 
 
@@ -101,7 +114,13 @@ def run(cfg: DictConfig) -> Dict[str, float]:
         skipped += batch["skipped"]
         if batch["images"] is None:
             continue
-        if chunked is not None:
+        referring = any(batch["referring"])
+        if referring:  # one referring expression per image (VG): instances, or "no target"
+            results = predictor.detect_expressions(batch["images"], batch["padding_mask"], batch["orig_sizes"],
+                                                   [item_prompt(c, True) for c in batch["captions"]], inf)
+            for result in results:
+                result["phrases"] = result.pop("labels")
+        elif chunked is not None:
             results = predictor.detect_classes(batch["images"], batch["padding_mask"], batch["orig_sizes"],
                                                class_names, inf.nms_threshold, inf.mask_threshold)
         else:  # a caption per image, the whole batch at once
@@ -109,7 +128,9 @@ def run(cfg: DictConfig) -> Dict[str, float]:
                                                 [caption_prompt(c) for c in batch["captions"]],
                                                 inf.conf_threshold, inf.text_threshold, inf.mask_threshold)
         for b, result in enumerate(results):
-            result = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in result.items()}
+            no_target = bool(result.pop("no_target", False))
+            result = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in result.items()
+                      if k not in ("union", "query_idx")}
             names = class_names
             if chunked is None:  # free-form: each decoded phrase is a category of this run
                 labels = [phrase_ids.setdefault(p or "object", len(phrase_ids)) for p in result["phrases"]]
@@ -121,6 +142,9 @@ def run(cfg: DictConfig) -> Dict[str, float]:
             images_json.append({"id": image_id, "file_name": name, "height": h, "width": w,
                                 "source": sources[source].path})
             rel = _safe_relative(name)
+            if referring:  # an image may come with several expressions: one output per expression
+                images_json[-1].update({"expression": batch["captions"][b], "no_target": no_target})
+                rel = f"{os.path.splitext(rel)[0]}_{image_id:05d}{os.path.splitext(rel)[1]}"
             if len(sources) > 1:  # same names in two folders/archives must not overwrite each other's outputs
                 rel = os.path.join(f"{source}_{_safe_relative(os.path.basename(sources[source].path.rstrip('/')))}", rel)
             write_kitti(os.path.join(out_dir, "labels", os.path.splitext(rel)[0] + ".txt"), result, names,
@@ -130,6 +154,8 @@ def run(cfg: DictConfig) -> Dict[str, float]:
             draw = draw_masked_detections if "masks" in result else draw_detections
             drawn = draw(np.asarray(picture), result, names, dict(inf.color_map), inf.outline_width,
                          inf.conf_threshold)
+            if referring:
+                drawn = draw_expression_banner(drawn, batch["captions"][b], no_target)
             target = os.path.join(out_dir, "images_annotated", os.path.splitext(rel)[0] + ".jpg")
             os.makedirs(os.path.dirname(target), exist_ok=True)
             drawn.convert("RGB").save(target, quality=92)

@@ -20,13 +20,6 @@ class ConfigError(UserError, ValueError):
     """A config value (or combination of values) that cannot work; the message names the keys."""
 
 
-# Referring segmentation (TAO's data_type=VG, issue 13) lands in parts: the data layer reads VG sources, while the
-# region-query head, VG evaluation and VG inference come separately. Until they are wired end to end, every VG
-# source (and dataset=synthetic_vg) is refused in one sentence; the integrator sets this to True, and the VG rules
-# of `_check_vg` apply instead.
-VG_AVAILABLE = False
-
-
 # ------------------------------------------------------------------------------------ choices and ranges
 @dataclass(frozen=True)
 class Rule:
@@ -345,8 +338,7 @@ def _vg_sources(d: DictConfig) -> List[Tuple[str, DictConfig]]:
 
 
 def _check_vg(cfg: DictConfig, errors: List[str]) -> None:
-    """data_type=VG (referring expressions) and dataset=synthetic_vg: refused while VG_AVAILABLE is False; else
-    model=mask_gdino only, annotated VG sources are ODVG .jsonl files, VG inference reads an expression per image
+    """data_type=VG (referring expressions) and dataset=synthetic_vg: model=mask_gdino only, annotated VG sources are ODVG .jsonl files, VG inference reads an expression per image
     from infer_data_sources.json_file (dataset=synthetic_vg brings its own)."""
     d = cfg.dataset
     for i, src in enumerate(d.train_data_sources or []):  # a list: out of RULES' reach
@@ -358,11 +350,6 @@ def _check_vg(cfg: DictConfig, errors: List[str]) -> None:
     asked = [f"{key}.data_type=VG" for key, _ in sources] + (["dataset=synthetic_vg"] if d.type == "synthetic_vg"
                                                             else [])
     if not asked:
-        return
-    if not VG_AVAILABLE:
-        instead = "dataset=synthetic" if d.type == "synthetic_vg" else "data_type=OD with a class list"
-        errors.append(f"{', '.join(asked)} (referring expressions, TAO's mask_grounding_dino) is not available yet: "
-                      f"VG referring segmentation comes with issue 13; use {instead}.")
         return
     if cfg.model.name != "mask_gdino":
         errors.append(f"{', '.join(asked)} (referring expressions) needs model=mask_gdino, whose region-query head "

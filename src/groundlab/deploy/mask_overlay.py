@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
-from PIL import Image, ImageColor
+from PIL import Image, ImageColor, ImageDraw
 
 from groundlab.deploy.writers import (PALETTE, box_colour, class_name, detection_arrays, draw_detections,
                                       result_masks)
@@ -59,3 +59,17 @@ def draw_masked_detections(
     colours = [box_colour(class_name(names, int(labels[k])), int(labels[k]), color_map) for k in order]
     tinted = tint_masks(image, [masks[k] for k in order], colours, alpha)
     return draw_detections(tinted, result, names, color_map, outline_width, conf_threshold)
+
+
+def draw_expression_banner(picture: Image.Image, expression: str, no_target: bool) -> Image.Image:
+    """A copy of `picture` with the referring expression on a bar along its top edge: dark for an expression the
+    model found, red with "no target: " in front when it decided the expression refers to nothing, so an empty
+    answer is visible rather than an image without marks."""
+    out = picture.convert("RGB")
+    draw = ImageDraw.Draw(out)
+    text = f"no target: {expression}" if no_target else expression
+    left, top, right, bottom = draw.textbbox((0, 0), text)
+    fill = "#c0392b" if no_target else "#202020"
+    draw.rectangle([0, 0, max(out.width, right - left + 6), bottom - top + 6], fill=fill)
+    draw.text((3 - left, 3 - top), text, fill="white")
+    return out
