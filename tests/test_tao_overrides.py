@@ -1,7 +1,7 @@
 """TAO users carry their spec keys over: every override set of ../shared/tao_spec_overrides.md whose capability
 exists composes as written onto `model=<m> action=<a>` and passes the start-up checks (TAO's older MAL names
 resolved onto our canonical keys, groundlab.config.aliases). Rows that need a capability we lack (deploy, Mask
-Grounding DINO training, referring segmentation) are listed as skipped with what they need."""
+Grounding DINO training, referring segmentation) would be listed as skipped with what they need; none is left."""
 
 from __future__ import annotations
 
@@ -81,9 +81,10 @@ SETS = parse_spec(SPEC.read_text()) if SPEC.is_file() else []
 
 # capabilities a "needs" cell names that exist (for these actions): Mask Grounding DINO trains, evaluates and infers;
 # deploy: action=export, TensorRT engine building (TAO's gen_trt_engine keys), quantize, and evaluate / inference
-# taking an exported file (onnx_file, trt_engine)
+# taking an exported file (onnx_file, trt_engine); referring segmentation: region queries, VG data, its metrics
 AVAILABLE = {"mask_gdino": {"train", "inference"},
-             "deploy": {"export", "gen_trt_engine", "quantize", "evaluate", "inference"}}
+             "deploy": {"export", "gen_trt_engine", "quantize", "evaluate", "inference"},
+             "referring segmentation": {"train", "evaluate", "inference"}}
 
 
 def _why_not(s: OverrideSet) -> Optional[str]:
@@ -153,6 +154,10 @@ def test_the_spec_parses_into_sets():
 @pytest.mark.parametrize("spec_set", _params())
 def test_tao_override_set_composes_and_passes_start_up_checks(compose, tmp_path, spec_set):
     s = spec_set
+    if s.action == "train" and "train_data_sources" not in " ".join(s.overrides) and s.model != "mal":
+        # a row that adds to a train command (region queries): on top of the model's first train set
+        first = next(t for t in SETS if (t.model, t.action) == (s.model, "train"))
+        s = OverrideSet(s.model, s.action, first.overrides + s.overrides, s.needs, s.line)
     overrides = with_paths(s.overrides, tmp_path)
     cfg = compose([f"model={s.model}", f"action={s.action}"] + dataset_choice(s) + overrides)
     check_config(cfg)
@@ -164,7 +169,7 @@ def test_tao_override_set_composes_and_passes_start_up_checks(compose, tmp_path,
         assert _same(value, got), f"{key}={value} composed as {_canonical(s.model, key)}={got}"
 
 
-@pytest.mark.parametrize("model", ["gdino", "mal"])
+@pytest.mark.parametrize("model", ["gdino", "mask_gdino", "mal"])
 def test_a_models_train_sets_compose_together(compose, tmp_path, model):
     """TAO's train example is split over rows: all of them at once is one command too."""
     rows = [s for s in SETS if s.model == model and s.action == "train" and _why_not(s) is None]
@@ -241,10 +246,10 @@ def test_gdino_schemas_have_no_aliases(compose):
         assert OmegaConf.select(compose(), key, default="absent") == "absent"
 
 
-def test_only_referring_segmentation_rows_are_skipped():
-    """Every row of the mask head and of deploy (export, gen_trt_engine, quantize, evaluate / inference on an
-    exported file) composes; what is left waits for referring segmentation (issue 13)."""
+def test_no_row_is_skipped():
+    """Every row composes: the mask head, deploy (export, gen_trt_engine, quantize, evaluate / inference on an
+    exported file) and referring segmentation (region queries, VG evaluation and inference)."""
     if not SETS:
         pytest.skip(f"{SPEC} is absent")
     reasons: Dict[str, str] = {s.id: _why_not(s) for s in SETS if _why_not(s)}
-    assert reasons and all(r == "needs referring segmentation" for r in reasons.values()), reasons
+    assert not reasons, reasons
