@@ -91,7 +91,8 @@ class GDinoLightning(GroundlabModule):
         self.check_loss(total, batch_idx)
         bs = batch["images"].shape[0]
         self.log("train_loss", total, prog_bar=True, batch_size=bs)
-        for key in ("loss_ce", "loss_bbox", "loss_giou", "loss_mask", "loss_dice"):
+        for key in ("loss_ce", "loss_bbox", "loss_giou", "loss_mask", "loss_dice", "loss_nt", "loss_minimap",
+                    "loss_union"):
             if key in losses:
                 self.log(f"train_{key}", losses[key], batch_size=bs)
         return total
