@@ -16,7 +16,8 @@ import torch
 from conftest import TINY_GDINO
 from groundlab.config import ConfigError
 from groundlab.deploy.onnx_verify import ExportMismatch, agreement, max_abs_diffs, torch_reference
-from groundlab.predict.graph_contract import INPUTS, GraphInfo, graph_tokens
+from groundlab.predict.deploy_meta import GraphInfo
+from groundlab.predict.graph_contract import INPUTS, graph_tokens
 from groundlab.runner import run_action
 from groundlab.text.captions import class_prompt
 from groundlab.text.tokens import PromptEncoder

@@ -70,8 +70,7 @@ def _ort_feeds(cfg: DictConfig, predictor: GDinoPredictor) -> Iterator[Dict[str,
         B = images.shape[0]
         text = {k: v.expand(B, *v.shape[1:]) for k, v in predictor.texts.get(batch["prompt"]).text.items()}
         feeds = {"inputs": images, **text}
-        step = backend.info.batch_size or B
-        for group, _ in batch_groups({n: feeds[n] for n in backend.input_names}, step, step):
+        for group, _ in batch_groups({n: feeds[n] for n in backend.input_names}, *backend.info.batch_bounds(B)):
             yield {n: np.ascontiguousarray(v.numpy().astype(backend.types[n])) for n, v in group.items()}
 
 
