@@ -58,6 +58,14 @@ def open_session(onnx_file: str, device: torch.device):
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3  # errors only: the CUDA provider's warnings about CPU fallbacks are expected
     try:
+        try:
+            return onnxruntime.InferenceSession(onnx_file, options, providers=providers)
+        except Exception as err:
+            if "float8" not in str(err):
+                raise
+        # an FP8 Q/DQ graph (quantize.backend=modelopt.onnx with fp8_e4m3fn): the CPU's Q/DQ fusions take integer
+        # types only and fail on it; without them the CPU runs it as fake quantization, FP8's rounding included
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC
         return onnxruntime.InferenceSession(onnx_file, options, providers=providers)
     except Exception as err:  # onnxruntime raises its own Fail / InvalidGraph / ... for files it cannot load
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
