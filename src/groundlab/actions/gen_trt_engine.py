@@ -4,23 +4,23 @@ TensorRT engine from action=export's ONNX file.
 Reads `gen_trt_engine.*` (TAO's keys): the ONNX file's contract is checked first (six inputs, fixed size and
 text length, pred_masks exactly when model=mask_gdino), then the graph is prepared for the data type (FP16: explicit
 casts keep the fragile layers FP32; INT8/FP8: the Q/DQ graph) and built with one optimization profile. Writes the
-engine, `<engine>.json` (what the TensorRT backend needs to run it: text encoder, num_select, max_text_len, label
-map, has_masks, and how it was built), and logs one summary line. Returns {"build_seconds", "engine_mib"}.
+engine, `<engine>.json` (the ONNX file's GraphInfo, predict/deploy_meta.py, with the engine's precision, batch
+profile and how it was built: what the TensorRT backend needs to run it), and logs one summary line. Returns {"build_seconds", "engine_mib"}.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Dict
+from typing import Dict, Tuple
 
 from omegaconf import DictConfig
 
 from groundlab.config import ConfigError
-from groundlab.deploy.onnx_contract import MASK_OUTPUT, profile_shapes, read_contract
+from groundlab.deploy.onnx_contract import MASK_OUTPUT, OnnxContract, Shape, profile_shapes, read_contract
 from groundlab.deploy.trt_build import build_engine, import_tensorrt, prepare_graph, tensorrt_version
 from groundlab.errors import DataError, MissingFile
-from groundlab.predict.deploy_meta import DeployMeta, sidecar_path
+from groundlab.predict.deploy_meta import GraphInfo, sidecar_path
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,18 @@ def engine_path(g: DictConfig, results_dir: str) -> str:
         return str(g.trt_engine)
     stem = os.path.splitext(os.path.basename(g.onnx_file))[0]
     return os.path.join(results_dir, f"{stem}.{g.tensorrt.data_type.lower()}.engine")
+
+
+def engine_info(model, model_cfg: DictConfig, contract: OnnxContract, shapes: Dict[str, Tuple[Shape, Shape, Shape]],
+                data_type: str) -> GraphInfo:
+    """The engine's sidecar: the ONNX file's own GraphInfo (the config's model keys for a graph exported
+    elsewhere) with the engine's facts: input size, text length, batch profile (min, opt, max), precision and how
+    it was built."""
+    return GraphInfo.from_metadata(
+        {p.key: p.value for p in model.metadata_props}, model_cfg, has_masks=contract.has_masks,
+        input_size=(contract.height, contract.width), max_text_len=contract.text_len, batch_size=contract.batch,
+        batch_range=tuple(shapes["inputs"][i][0] for i in range(3)), precision=data_type,
+        build={"onnx_file": os.path.abspath(contract.path), "tensorrt": tensorrt_version()})
 
 
 def run(cfg: DictConfig) -> Dict[str, float]:
@@ -58,10 +70,6 @@ def run(cfg: DictConfig) -> Dict[str, float]:
     import_tensorrt("action=gen_trt_engine")  # the file's faults are said first, then what the machine lacks
     path = engine_path(g, cfg.results_dir)
     result = build_engine(graph, g.onnx_file, path, shapes, t.workspace_size, g.timing_cache_file, g.verbose)
-    meta = DeployMeta.from_onnx(model, cfg.model, contract.has_masks)
-    meta.engine = {"data_type": data_type, "input_size": [contract.height, contract.width],
-                   "text_len": contract.text_len, "batch": [shapes["inputs"][i][0] for i in range(3)],
-                   "onnx_file": os.path.abspath(g.onnx_file), "tensorrt": tensorrt_version()}
-    meta.write(sidecar_path(path))
+    engine_info(model, cfg.model, contract, shapes, data_type).write(sidecar_path(path))
     log.info(result.summary(data_type, shapes))
     return {"build_seconds": round(result.seconds, 2), "engine_mib": round(result.size_bytes / 2**20, 2)}

@@ -1,16 +1,18 @@
-"""action=quantize for Grounding DINO and Mask Grounding DINO: post-training quantization to an int8 ONNX graph
-(Q/DQ format, which ONNX Runtime runs on the CPU; TensorRT builds modelopt.pytorch's symmetric one), then the float and the
-quantized graph are evaluated on the validation split and both mAPs and their difference written to
-<results_dir>/quantize/results.json.
+"""action=quantize for Grounding DINO and Mask Grounding DINO: post-training quantization to an int8 (or fp8) ONNX
+graph in Q/DQ format, then the float and the quantized graph are evaluated with the ONNX Runtime backend on the
+validation split and both mAPs and their difference written to <results_dir>/quantize/results.json.
 
 quantize.backend:
-- `onnxruntime`: ONNX Runtime's static INT8 PTQ of the float graph (deploy/ort_quantize.py), calibrated on
-  dataset.quant_calibration_data_sources; quantize.model_path is a checkpoint (exported first, at
-  export.input_height x export.input_width) or an .onnx file;
+- `onnxruntime`: ONNX Runtime's static INT8 PTQ of the float graph (deploy/ort_quantize.py): uint8 activations,
+  what ONNX Runtime's CPU kernels are fastest with, and which TensorRT refuses;
+- `modelopt.onnx`: NVIDIA ModelOpt's PTQ of the float graph (deploy/modelopt_onnx_quantize.py): symmetric int8 or
+  fp8 Q/DQ placed for TensorRT, the graph to build an INT8 / FP8 engine from;
 - `modelopt.pytorch`: NVIDIA ModelOpt fake-quantizers in the PyTorch model, calibrated on the same images, then the
   Q/DQ graph exported (deploy/modelopt_quantize.py); quantize.model_path is a checkpoint.
-Calibration images go through the evaluation transforms at the graph's size with their source's class prompts, as
-evaluate runs them; `quantize.skip_names` (globs over node / module names) stay float.
+For the graph backends quantize.model_path is a checkpoint (exported first, at export.input_height x
+export.input_width) or an .onnx file, and both calibrate on the same feeds (`graph_feeds`). Calibration images
+(dataset.quant_calibration_data_sources) go through the evaluation transforms at the graph's size with their
+source's class prompts, as evaluate runs them; `quantize.skip_names` (globs over node / module names) stay float.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import itertools
 import json
 import logging
 import os
+from dataclasses import replace
 from typing import Dict, Iterator, List
 
 import numpy as np
@@ -39,7 +42,7 @@ from groundlab.predict.graph_contract import batch_groups
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("onnxruntime", "modelopt.pytorch")
+BACKENDS = ("onnxruntime", "modelopt.onnx", "modelopt.pytorch")
 
 
 def calibration_batches(cfg: DictConfig, predictor: GDinoPredictor) -> Iterator[Dict[str, torch.Tensor]]:
@@ -61,17 +64,17 @@ def calibration_batches(cfg: DictConfig, predictor: GDinoPredictor) -> Iterator[
         yield {"images": batch["images"], "padding_mask": batch["padding_mask"], "prompt": prompts[k % len(prompts)]}
 
 
-def _ort_feeds(cfg: DictConfig, predictor: GDinoPredictor) -> Iterator[Dict[str, np.ndarray]]:
+def graph_feeds(cfg: DictConfig, predictor: GDinoPredictor) -> Iterator[Dict[str, np.ndarray]]:
     """The float graph's inputs, as numpy arrays by input name, for each calibration batch (in groups of a
-    fixed-batch graph's batch, the last group filled with copies of its last image, as the backend runs them)."""
+    fixed-batch graph's batch, the last group filled with copies of its last image, as the backend runs them):
+    what both graph quantizers (onnxruntime, modelopt.onnx) calibrate on."""
     backend = predictor.backend
     for batch in calibration_batches(cfg, predictor):
         images = backend.encode_image(batch["images"], batch["padding_mask"])
         B = images.shape[0]
         text = {k: v.expand(B, *v.shape[1:]) for k, v in predictor.texts.get(batch["prompt"]).text.items()}
         feeds = {"inputs": images, **text}
-        step = backend.info.batch_size or B
-        for group, _ in batch_groups({n: feeds[n] for n in backend.input_names}, step, step):
+        for group, _ in batch_groups({n: feeds[n] for n in backend.input_names}, *backend.info.batch_bounds(B)):
             yield {n: np.ascontiguousarray(v.numpy().astype(backend.types[n])) for n, v in group.items()}
 
 
@@ -94,31 +97,43 @@ def run(cfg: DictConfig) -> Dict[str, float]:
     is_onnx = str(q.model_path).endswith(".onnx")
     if q.backend == "modelopt.pytorch" and is_onnx:
         raise ConfigError(f"quantize.backend=modelopt.pytorch quantizes the PyTorch model: quantize.model_path="
-                          f"{q.model_path} is an ONNX file (use quantize.backend=onnxruntime for it).")
+                          f"{q.model_path} is an ONNX file (use quantize.backend=modelopt.onnx or onnxruntime for "
+                          f"it).")
     dtypes = {dtype for layer in q.layers for dtype in (layer.weights.dtype, layer.activations.dtype)}
     if q.backend == "onnxruntime" and dtypes != {"int8"}:
         raise ConfigError(f"quantize.layers asks for {sorted(dtypes)}: quantize.backend=onnxruntime makes int8 graphs "
-                          f"only (fp8_e4m3fn needs quantize.backend=modelopt.pytorch and a TensorRT engine).")
+                          f"only (fp8_e4m3fn needs quantize.backend=modelopt.onnx or modelopt.pytorch).")
+    mo_onnx = None
+    if q.backend == "modelopt.onnx":
+        from groundlab.deploy import modelopt_onnx_quantize as mo_onnx
+
+        mo_settings = mo_onnx.settings(OmegaConf.to_container(q.layers, resolve=True), list(q.skip_names), q.mode,
+                                       q.algorithm)
+        mo_onnx.check_installed()
+    dtype = "fp8" if dtypes == {"fp8_e4m3fn"} and q.backend != "onnxruntime" else "int8"
     float_onnx = str(q.model_path) if is_onnx else os.path.join(out_dir, f"{cfg.model.name}.float.onnx")
-    quant_onnx = q.onnx_file or os.path.join(out_dir, f"{cfg.model.name}.int8.onnx")
+    quant_onnx = q.onnx_file or os.path.join(out_dir, f"{cfg.model.name}.{dtype}.onnx")
     if not is_onnx:
         export_checkpoint(cfg, str(q.model_path), float_onnx)
     device = torch.device("cpu")
     float_predictor = open_predictor(cfg.model, OmegaConf.create(
         {"checkpoint": None, "onnx_file": float_onnx, "trt_engine": None, "backend": None}), "quantize", device)
     if q.backend == "onnxruntime":
-        report = quantize_onnx(float_onnx, quant_onnx, _ort_feeds(cfg, float_predictor), list(q.skip_names),
-                               q.mode, q.algorithm)
-        copy_metadata(float_onnx, quant_onnx)
-        summary = report.summary()
+        summary = quantize_onnx(float_onnx, quant_onnx, graph_feeds(cfg, float_predictor), list(q.skip_names),
+                                q.mode, q.algorithm).summary()
+    elif mo_onnx is not None:
+        summary = mo_onnx.quantize_graph(float_onnx, quant_onnx, graph_feeds(cfg, float_predictor), mo_settings,
+                                         list(q.skip_names)).summary()
     else:
         summary = _modelopt(cfg, float_predictor, quant_onnx)
+    precision = record_quantization(float_onnx, quant_onnx, q.backend)
     log.info("%s", summary)
     float_metrics = _evaluate(cfg, float_onnx, "float")
     quant_metrics = _evaluate(cfg, quant_onnx, "quantized")
     delta = {k: quant_metrics[k] - float_metrics[k] for k in float_metrics if "mAP" in k}
-    results = {"backend": q.backend, "mode": q.mode, "float_onnx": float_onnx, "quantized_onnx": quant_onnx,
-               "summary": summary, "float": float_metrics, "quantized": quant_metrics, "delta": delta}
+    results = {"backend": q.backend, "mode": q.mode, "precision": precision, "float_onnx": float_onnx,
+               "quantized_onnx": quant_onnx, "summary": summary, "float": float_metrics, "quantized": quant_metrics,
+               "delta": delta}
     atomic_write_text(os.path.join(out_dir, "results.json"), json.dumps(results, indent=1))
     for key, value in delta.items():
         log.info("quantized %s: %.4f (float %.4f, delta %+.4f)", key, quant_metrics[key], float_metrics[key], value)
@@ -127,14 +142,25 @@ def run(cfg: DictConfig) -> Dict[str, float]:
             **{f"delta_{k}": v for k, v in delta.items()}}
 
 
-def copy_metadata(source: str, target: str) -> None:
-    """The float graph's metadata (the predictor's model facts) onto the quantized graph."""
+def record_quantization(float_onnx: str, quant_onnx: str, backend: str) -> str:
+    """The float graph's GraphInfo (the predictor's model facts) onto the quantized graph, with its precision
+    (INT8 | FP8 | UINT8, read off its Q/DQ nodes) and how it was made; a graph without groundlab metadata (exported
+    elsewhere) keeps none. Returns the precision."""
     import onnx
 
-    src, dst = onnx.load(source, load_external_data=False), onnx.load(target)
-    del dst.metadata_props[:]
-    dst.metadata_props.extend(src.metadata_props)
-    onnx.save(dst, target)
+    from groundlab.deploy.onnx_contract import quantization
+    from groundlab.predict.deploy_meta import onnx_info, set_onnx_info
+
+    graph = onnx.load(quant_onnx)
+    # weight-only (dynamic) graphs compute with integer ops and have no QuantizeLinear: int8 weights all the same
+    integer = any(n.op_type in ("MatMulInteger", "ConvInteger", "DynamicQuantizeLinear") for n in graph.graph.node)
+    precision = quantization(graph) or ("INT8" if integer else "FP32")
+    info = onnx_info(onnx.load(float_onnx, load_external_data=False))
+    if info is not None:
+        set_onnx_info(graph, replace(info, precision=precision, build={
+            "quantize_backend": backend, "float_onnx": os.path.abspath(float_onnx)}))
+        onnx.save(graph, quant_onnx)
+    return precision
 
 
 def _modelopt(cfg: DictConfig, float_predictor: GDinoPredictor, quant_onnx: str) -> str:

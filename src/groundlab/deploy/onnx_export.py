@@ -1,5 +1,6 @@
 """ONNX export of Grounding DINO and Mask Grounding DINO with TAO's input and output names (predict/graph_contract.py
-has the contract: names, shapes, dtypes, the split text / image graphs and the metadata stored with them).
+has the contract: names, shapes, dtypes, the split text / image graphs; predict/deploy_meta.py the GraphInfo stored
+with them).
 
 The graphs are traced (torch.onnx's TorchScript exporter) from thin wrappers around the model, so the model itself
 is never patched: deformable attention takes its grid_sample path under tracing (models/common/ms_deform_attn.py;
@@ -25,9 +26,9 @@ from groundlab.config import ConfigError
 from groundlab.models.gdino.model import GroundingDINO
 from groundlab.models.mask_gdino.dynamic_mask import query_masks
 from groundlab.models.mask_gdino.model import MaskGroundingDINO
+from groundlab.predict.deploy_meta import GraphInfo, set_onnx_info
 from groundlab.predict.graph_contract import (
-    IMAGE_GRAPH_INPUTS, INPUTS, MASK_OUTPUT, METADATA_KEY, OUTPUTS, TEXT_GRAPH_INPUTS, TEXT_GRAPH_OUTPUTS, GraphInfo,
-    split_graph_paths,
+    IMAGE_GRAPH_INPUTS, INPUTS, MASK_OUTPUT, OUTPUTS, TEXT_GRAPH_INPUTS, TEXT_GRAPH_OUTPUTS, split_graph_paths,
 )
 
 log = logging.getLogger(__name__)
@@ -154,9 +155,7 @@ def _write(graph: ExportedGraph, dynamic_batch: bool, opset: int, verbose: bool,
 
         proto = onnxslim.slim(proto)  # fewer nodes, same arithmetic (its documented in-script use)
     _fix_output_dims(proto, shapes, dynamic_batch)
-    del proto.metadata_props[:]
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, info.to_json()
+    set_onnx_info(proto, info)
     onnx.checker.check_model(proto, full_check=True)  # the ONNX checker, shape inference included
     onnx.save(proto, graph.path)
 

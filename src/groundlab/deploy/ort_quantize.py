@@ -4,7 +4,7 @@ Static PTQ (quantize.mode=static_ptq): activation ranges are calibrated on real 
 at the graph's fixed size, with the class prompts they would be run with), then MatMul / Conv / Gemm nodes get
 QuantizeLinear / DequantizeLinear pairs (QDQ format: uint8 activations, int8 per-channel weights), which ONNX
 Runtime's CPU provider fuses into integer kernels (TensorRT takes symmetric int8 only: it builds INT8 engines
-from quantize.backend=modelopt.pytorch's graphs). Weight-only PTQ
+from quantize.backend=modelopt.onnx's or modelopt.pytorch's graphs). Weight-only PTQ
 (quantize.mode=weight_only_ptq) is ONNX Runtime's dynamic quantization: int8 weights, activation ranges
 computed per call, no calibration.
 
@@ -28,7 +28,7 @@ import onnx
 
 QUANTIZED_OPS = ("MatMul", "Conv", "Gemm")
 # uint8 activations / int8 weights: what ONNX Runtime's CPU integer kernels are fastest with. TensorRT takes
-# symmetric int8 only, so an engine is built from quantize.backend=modelopt.pytorch's graph instead.
+# symmetric int8 only, so an engine is built from quantize.backend=modelopt.onnx's (or modelopt.pytorch's) graph.
 ALGORITHMS = {"minmax": "MinMax", "max": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 
 Feed = Dict[str, np.ndarray]
@@ -36,14 +36,17 @@ Feed = Dict[str, np.ndarray]
 
 @dataclass
 class QuantReport:
+    """What a graph quantizer did (this module's and modelopt_onnx_quantize.py's)."""
+
     path: str
     quantized: int  # nodes of QUANTIZED_OPS that got QDQ pairs (static) or int8 weights (dynamic)
     excluded: List[str]  # nodes of those types left float by skip_names
     calibration_batches: int
     seconds: float
+    nodes: str = "MatMul/Conv/Gemm nodes to int8"  # what `quantized` counts
 
     def summary(self) -> str:
-        return (f"quantized {self.quantized} MatMul/Conv/Gemm nodes to int8 ({len(self.excluded)} left float by "
+        return (f"quantized {self.quantized} {self.nodes} ({len(self.excluded)} left float by "
                 f"quantize.skip_names), {self.calibration_batches} calibration batches, {self.seconds:.1f} s: "
                 f"{self.path}")
 
@@ -58,17 +61,40 @@ def excluded_nodes(model: onnx.ModelProto, skip_names: Sequence[str]) -> List[st
     return out
 
 
-class _Reader:
-    """onnxruntime's CalibrationDataReader protocol over an iterable of feeds."""
+class FeedReader:
+    """The calibration feeds as both quantizers read them: onnxruntime's CalibrationDataReader protocol
+    (`get_next`, None at the end) and ModelOpt's additions to it (`get_first` without advancing, `rewind`), since
+    ModelOpt runs the first feed to size its attention and GEMV checks before it calibrates from the start. Feeds
+    are drawn from the iterable as they are first asked for and kept, so a rewind replays the same ones.
+    count: how many distinct feeds were read."""
 
     def __init__(self, feeds: Iterable[Feed]):
-        self._feeds: Iterator[Feed] = iter(feeds)
-        self.count = 0
+        self._source: Iterator[Feed] = iter(feeds)
+        self._seen: List[Feed] = []
+        self._next = 0
+
+    @property
+    def count(self) -> int:
+        return len(self._seen)
 
     def get_next(self) -> Optional[Feed]:
-        feed = next(self._feeds, None)
-        self.count += feed is not None
-        return feed
+        if self._next == len(self._seen):
+            feed = next(self._source, None)
+            if feed is None:
+                return None
+            self._seen.append(feed)
+        self._next += 1
+        return self._seen[self._next - 1]
+
+    def get_first(self) -> Feed:
+        if not self._seen and self.get_next() is not None:
+            self._next = 0
+        if not self._seen:
+            raise ValueError("no calibration batch: dataset.quant_calibration_data_sources holds no image")
+        return self._seen[0]
+
+    def rewind(self) -> None:
+        self._next = 0
 
     def __iter__(self):
         return self
@@ -102,7 +128,7 @@ def quantize_onnx(float_path: str, out_path: str, feeds: Iterable[Feed], skip_na
     excluded = excluded_nodes(model, skip_names)
     candidates = sum(node.op_type in QUANTIZED_OPS for node in model.graph.node)
     start = time.perf_counter()
-    reader = _Reader(feeds)
+    reader = FeedReader(feeds)
     with _quiet():
         if mode == "static_ptq":
             if algorithm not in ALGORITHMS:

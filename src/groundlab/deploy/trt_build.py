@@ -44,7 +44,8 @@ def prepare_graph(model, contract: OnnxContract, data_type: str):
     if quantized == "UINT8":
         raise DataError("is quantized with uint8 activations (quantize.backend=onnxruntime makes ONNX Runtime's CPU "
                         "format), which TensorRT cannot build (it takes symmetric int8 only): quantize with "
-                        "quantize.backend=modelopt.pytorch for an engine, or build the float ONNX.", contract.path)
+                        "quantize.backend=modelopt.onnx (or modelopt.pytorch) for an engine, or build the float "
+                        "ONNX.", contract.path)
     if data_type in ("INT8", "FP8"):
         if quantized is None:
             raise DataError(f"has no Q/DQ (QuantizeLinear) nodes, but gen_trt_engine.tensorrt.data_type={data_type} "

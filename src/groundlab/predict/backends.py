@@ -4,7 +4,7 @@
 evaluation) is the predictor's, so an exported model evaluates exactly like its checkpoint.
 
 A graph backend (BACKENDS) is built from (file, device, model config) and exposes torch_backend.py's contract plus
-`info` (graph_contract.GraphInfo): num_select, the text encoder, the class names and the fixed input size of the
+`info` (deploy_meta.GraphInfo): num_select, the text encoder, the class names and the fixed input size of the
 graph. The TensorRT backend plugs in as `groundlab.predict.trt_backend.TensorRTBackend(engine_path, device)`.
 """
 

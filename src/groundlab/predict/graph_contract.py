@@ -1,7 +1,7 @@
-"""The contract of an exported Grounding DINO graph, shared by the export (deploy/onnx_export.py), the ONNX Runtime
-backend (predict/onnx_backend.py) and a TensorRT backend: tensor names and dtypes as TAO's export writes them (so
-DeepStream configs and TAO engines carry over), the split text / image graphs, and the model facts stored with the
-file.
+"""The tensor contract of an exported Grounding DINO graph, shared by the export (deploy/onnx_export.py), the ONNX
+Runtime backend (predict/onnx_backend.py) and the TensorRT backend (predict/trt_backend.py): tensor names and dtypes
+as TAO's export writes them (so DeepStream configs and TAO engines carry over), the split text / image graphs, the
+text padding and the batch groups a graph of a fixed batch or batch range runs.
 
 Full graph (`<name>.onnx`), B images, L = model.max_text_len (text always padded to L, TAO's pad_to_max):
 
@@ -24,16 +24,14 @@ Split export (`export.split_text_encoder`), so a fixed class list is encoded onc
 - `<name>.image.onnx`: `inputs`, `text_features`, `attention_mask`, `position_ids`, `text_token_mask` -> the full
   graph's outputs.
 
-Each groundlab graph carries GraphInfo as json under the ONNX metadata key "groundlab", so evaluate / inference
-need no model config; a foreign graph (TAO's) is read with the config's model keys instead.
+What a graph records besides its tensors (text encoder, num_select, label map, input size, batch, precision) is
+deploy_meta.GraphInfo, stored under the ONNX metadata key "groundlab", so evaluate / inference need no model
+config; a foreign graph (TAO's) is read with the config's model keys instead.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, Tuple
 
 import numpy as np
 import torch
@@ -57,50 +55,12 @@ IMAGE_GRAPH_INPUTS = (IMAGE_INPUT, TEXT_FEATURES, "attention_mask", "position_id
 # the graph inputs of each kind of graph ("full": the TAO graph)
 GRAPH_INPUTS = {"full": INPUTS, "text": TEXT_GRAPH_INPUTS, "image": IMAGE_GRAPH_INPUTS}
 
-METADATA_KEY = "groundlab"
-
-
-@dataclass
-class GraphInfo:
-    """What a predictor needs to know about a graph besides its tensors.
-
-    kind: "full" | "text" | "image"; input_size: (H, W) the graph was exported for (None: any size); batch_size:
-    the fixed batch (None: dynamic); text_graph: an image graph's text graph, a file name next to it."""
-
-    model: str  # gdino | mask_gdino
-    max_text_len: int
-    num_select: int
-    text_encoder_type: str
-    has_masks: bool
-    class_names: Optional[List[str]] = None
-    input_size: Optional[Tuple[int, int]] = None
-    batch_size: Optional[int] = None
-    kind: str = "full"
-    text_graph: Optional[str] = None
-    model_config: Dict[str, Any] = field(default_factory=dict)  # the structural model config, plain values
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> "GraphInfo":
-        # keys this version does not know (written by a newer groundlab) are left out, not an error
-        fields = {k: v for k, v in json.loads(text).items() if k in cls.__dataclass_fields__}
-        if fields.get("input_size") is not None:
-            fields["input_size"] = tuple(fields["input_size"])
-        return cls(**fields)
-
 
 def split_graph_paths(onnx_file: str) -> Tuple[str, str]:
     """(text graph, image graph) paths of a split export named after `onnx_file`: a.onnx -> a.text.onnx and
     a.image.onnx."""
     stem = onnx_file[:-5] if onnx_file.endswith(".onnx") else onnx_file
     return f"{stem}.text.onnx", f"{stem}.image.onnx"
-
-
-def text_graph_path(image_graph: str, info: GraphInfo) -> str:
-    """The text graph that goes with an image graph (stored by name, looked up next to it)."""
-    return os.path.join(os.path.dirname(os.path.abspath(image_graph)), info.text_graph or "")
 
 
 def graph_tokens(tokens: Dict[str, torch.Tensor], max_text_len: int) -> Dict[str, torch.Tensor]:

@@ -20,13 +20,14 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from groundlab.config import ConfigError
 from groundlab.errors import MissingFile
+from groundlab.predict.deploy_meta import METADATA_KEY, GraphInfo, text_graph_path
 from groundlab.predict.graph_contract import (
-    GRAPH_INPUTS, IMAGE_INPUT, INPUT_DTYPES, INPUT_SHAPES, MASK_OUTPUT, METADATA_KEY, OUTPUTS, TEXT_FEATURES,
-    TEXT_GRAPH_OUTPUTS, GraphInfo, batch_groups, graph_tokens, text_graph_path,
+    GRAPH_INPUTS, IMAGE_INPUT, INPUT_DTYPES, INPUT_SHAPES, MASK_OUTPUT, OUTPUTS, TEXT_FEATURES, TEXT_GRAPH_OUTPUTS,
+    batch_groups, graph_tokens,
 )
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,14 @@ def open_session(onnx_file: str, device: torch.device):
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3  # errors only: the CUDA provider's warnings about CPU fallbacks are expected
     try:
+        try:
+            return onnxruntime.InferenceSession(onnx_file, options, providers=providers)
+        except Exception as err:
+            if "float8" not in str(err):
+                raise
+        # an FP8 Q/DQ graph (quantize.backend=modelopt.onnx with fp8_e4m3fn): the CPU's Q/DQ fusions take integer
+        # types only and fail on it; without them the CPU runs it as fake quantization, FP8's rounding included
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC
         return onnxruntime.InferenceSession(onnx_file, options, providers=providers)
     except Exception as err:  # onnxruntime raises its own Fail / InvalidGraph / ... for files it cannot load
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -88,21 +97,19 @@ def graph_info(session, onnx_file: str, model_cfg: Optional[DictConfig]) -> Grap
     and the config's model keys. ConfigError (one sentence naming the file) when the inputs are not the contract's."""
     names = {i.name: i for i in session.get_inputs()}
     meta = session.get_modelmeta().custom_metadata_map
-    if METADATA_KEY in meta:
-        info = GraphInfo.from_json(meta[METADATA_KEY])
-    else:
-        if model_cfg is None:
-            raise ConfigError(f"{onnx_file} carries no groundlab metadata and no model config was given to read it.")
+    facts = {}
+    if METADATA_KEY not in meta:  # a foreign graph: what its tensors say, over the config's model keys
         ids = names.get("input_ids")
         image = names.get(IMAGE_INPUT)
         H, W = (_static(d) for d in image.shape[2:4]) if image is not None and len(image.shape) == 4 else (None, None)
-        L = _static(ids.shape[1]) if ids is not None and len(ids.shape) == 2 else None
-        outputs = {o.name for o in session.get_outputs()}
-        info = GraphInfo(model=str(model_cfg.name), max_text_len=L or int(model_cfg.max_text_len),
-                         num_select=int(model_cfg.num_select), text_encoder_type=str(model_cfg.text_encoder_type),
-                         has_masks=MASK_OUTPUT in outputs, input_size=(H, W) if H and W else None,
-                         batch_size=_static(image.shape[0]) if image is not None else None,
-                         model_config=OmegaConf.to_container(model_cfg, resolve=True))
+        facts = {"max_text_len": _static(ids.shape[1]) if ids is not None and len(ids.shape) == 2 else None,
+                 "has_masks": MASK_OUTPUT in {o.name for o in session.get_outputs()},
+                 "input_size": (H, W) if H and W else None,
+                 "batch_size": _static(image.shape[0]) if image is not None else None}
+    info = GraphInfo.from_metadata(meta, model_cfg, **facts)
+    if info is None:
+        raise ConfigError(f"{onnx_file} carries no groundlab metadata and no model config was given to read it.")
+    if facts:
         log.info("%s has no groundlab metadata: read as a %s graph with model.max_text_len=%d, model.num_select=%d, "
                  "model.text_encoder_type=%s", onnx_file, info.model, info.max_text_len, info.num_select,
                  info.text_encoder_type)
@@ -194,9 +201,9 @@ class OnnxRuntimeBackend:
         B = image.shape[0]
         text = {k: v.expand(B, *v.shape[1:]) if v.shape[0] != B else v for k, v in text.items()}
         feeds = {IMAGE_INPUT: image, **text}
-        step = self.info.batch_size or B  # a fixed-batch graph runs the batch in groups of its batch
+        smallest, largest = self.info.batch_bounds(B)  # a fixed-batch graph runs the batch in groups of its batch
         parts: List[List[np.ndarray]] = []
-        for group, real in batch_groups({n: feeds[n] for n in self.input_names}, step, step):
+        for group, real in batch_groups({n: feeds[n] for n in self.input_names}, smallest, largest):
             arrays = {n: np.ascontiguousarray(v.numpy().astype(self.types[n], copy=False)) for n, v in group.items()}
             outs = self.session.run(self.output_names, arrays)
             parts.append([o[:real] for o in outs])

@@ -17,7 +17,7 @@ writers are the predictor's, shared by every backend. Its contract:
   backend returns every query's stride-4 mask logits as "pred_masks" (B, Q, H/4, W/4) instead.
 - `input_size`: None, or the (H, W) every image must have (an exported graph's; the predictor's transforms
   resize to it and its batches then hold no padding).
-- `max_text_len`, `has_masks`: the network's. A graph backend also has `info` (graph_contract.GraphInfo: the
+- `max_text_len`, `has_masks`: the network's. A graph backend also has `info` (deploy_meta.GraphInfo: the
   model facts stored in the graph, e.g. num_select, class names, text encoder).
 """
 

@@ -14,21 +14,24 @@ text length L, for a batch range [min, max]:
   CUDA tensors; with a mask head also "pred_masks" (B, Q, H/4, W/4) mask logits
   (what predict/mask_paste.py reads). A text of batch 1 is broadcast over the images.
 
-What the engine's tensors do not say (text encoder, num_select, label map) comes from `<engine>.json`
-(predict/deploy_meta.py). Bad input fails with one sentence naming the engine: a missing file, no CUDA, no
-TensorRT, an engine this TensorRT cannot load, a batch outside the engine's range, images of another size.
+What the engine's tensors do not say (text encoder, num_select, label map) comes from `<engine>.json`, the
+GraphInfo every deployed graph records (predict/deploy_meta.py); what they do say (input size, text length, batch
+range, mask output) is read off the engine and wins (`info`). Bad input fails with one sentence naming the engine:
+a missing file, no CUDA, no TensorRT, an engine this TensorRT cannot load, a batch outside the engine's range,
+images of another size.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from groundlab.errors import DataError, MissingFile, UserError
-from groundlab.predict.deploy_meta import DeployMeta, sidecar_path
-from groundlab.predict.graph_contract import INPUTS, TEXT_INPUTS, GraphInfo, batch_groups, graph_tokens
+from groundlab.predict.deploy_meta import GraphInfo, sidecar_path
+from groundlab.predict.graph_contract import INPUTS, TEXT_INPUTS, batch_groups, graph_tokens
 
 # TensorRT DataType member name -> torch dtype (the engine's declared I/O types)
 TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
@@ -42,11 +45,11 @@ pad_tokens = graph_tokens
 
 class TensorRTBackend:
     """engine_path: a `.engine` of action=gen_trt_engine with its `<engine>.json` beside it; device: a CUDA
-    device. meta: the DeployMeta to use instead of the sidecar's (tests)."""
+    device. info: the GraphInfo to use instead of the sidecar's (tests, benchmarks)."""
 
     name = "tensorrt"
 
-    def __init__(self, engine_path: str, device="cuda", meta: Optional[DeployMeta] = None):
+    def __init__(self, engine_path: str, device="cuda", info: Optional[GraphInfo] = None):
         self.path = str(engine_path)
         if not os.path.isfile(self.path):
             raise MissingFile(f"{self.path} does not exist: evaluate.trt_engine / inference.trt_engine name an engine "
@@ -61,7 +64,7 @@ class TensorRTBackend:
         except ImportError as err:
             raise UserError(f"{self.path} is a TensorRT engine, but `import tensorrt` fails here ({err}); install the "
                             f"GPU extras: pip install -c constraints.txt -r requirements-gpu.txt.") from None
-        self.meta = meta or DeployMeta.read(sidecar_path(self.path), f"the engine {self.path}")
+        stored = info or GraphInfo.read(sidecar_path(self.path), f"the engine {self.path}")
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         with open(self.path, "rb") as f:
@@ -88,6 +91,10 @@ class TensorRTBackend:
             self.batch_range = (int(lo[0]), int(hi[0]))
         else:
             self.batch_range = (int(batch), int(batch))
+        opt = stored.batch_range[1] if stored.batch_range else self.batch_range[0]
+        self.info = replace(stored, input_size=(int(self.height), int(self.width)), max_text_len=self.text_len,
+                            has_masks="pred_masks" in self.outputs, batch_size=None,
+                            batch_range=(self.batch_range[0], opt, self.batch_range[1]))
         self.stream = torch.cuda.Stream(self.device)
 
     # ------------------------------------------------------------------------------------ the contract
@@ -95,14 +102,6 @@ class TensorRTBackend:
     def input_size(self) -> Tuple[int, int]:
         """(H, W) every image must have: the engine's fixed input size."""
         return int(self.height), int(self.width)
-
-    @property
-    def info(self) -> GraphInfo:
-        """The engine's facts as predict/backends.py reads them of any exported network."""
-        m = self.meta
-        return GraphInfo(model="mask_gdino" if m.has_masks else "gdino", max_text_len=int(m.max_text_len),
-                         num_select=int(m.num_select), text_encoder_type=str(m.text_encoder_type),
-                         has_masks=bool(m.has_masks), class_names=m.class_names, input_size=self.input_size)
 
     @property
     def max_text_len(self) -> int:
@@ -133,7 +132,7 @@ class TensorRTBackend:
         """Any batch: run in groups the engine's batch range takes (at most its max, a short group filled up to
         its min with copies of the last image), as the ONNX Runtime backend runs a fixed-batch graph."""
         B = image.shape[0]
-        lo, hi = self.batch_range
+        lo, hi = self.info.batch_bounds(B)
         feeds = {"inputs": image}
         for k in TEXT_INPUTS:
             v = text[k]
@@ -176,6 +175,6 @@ def predictor_from_engine(engine_path: str, device="cuda"):
     from groundlab.text.tokenizer import load_tokenizer
 
     backend = TensorRTBackend(engine_path, device)
-    meta = backend.meta
-    return GDinoPredictor(backend, load_tokenizer(meta.text_encoder_type), meta.num_select, backend.device,
-                          meta.class_names)
+    info = backend.info
+    return GDinoPredictor(backend, load_tokenizer(info.text_encoder_type), info.num_select, backend.device,
+                          info.class_names)
