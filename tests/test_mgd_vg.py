@@ -1,6 +1,7 @@
 """Referring segmentation (TAO's VG mode) end to end on the tiny Mask Grounding DINO with region queries and the
 synthetic referring split: train (validation logs the referring metrics) -> evaluate (results.json and the
-per-expression detections.json) -> inference (one output per expression, the expression on every annotated image,
+per-expression detections.json) -> export (no_targets and union_mask_logits outputs; ONNX Runtime evaluates as
+PyTorch does) -> inference (one output per expression, the expression on every annotated image,
 a red "no target" bar when the model decides an expression refers to nothing)."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnxruntime
 import pytest
 import torch
 from PIL import Image
@@ -63,6 +65,21 @@ def test_train_evaluate_and_infer_referring_expressions(compose, tmp_path):
         expression = next(r["expression"] for r in rows if r["detections"])
         assert all(word in expression.split() for word in next(
             r["detections"][0]["label"] for r in rows if r["detections"]).split())
+
+    # the exported graph adds no_targets and union_mask_logits, and ONNX Runtime evaluates VG as PyTorch does
+    run_action(compose(TINY_VG + ["action=export", f"export.checkpoint={ckpt}", "export.input_height=64",
+                                  "export.input_width=64"], results_dir=str(tmp_path / "export")))
+    onnx_file = tmp_path / "export" / "mask_gdino.onnx"
+    session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    shapes = {o.name: o.shape for o in session.get_outputs()}
+    assert shapes["no_targets"] == ["batch_size", 2] and shapes["union_mask_logits"] == ["batch_size", 2, 8, 8]
+    ort = run_action(compose(TINY_VG + ["action=evaluate", f"evaluate.onnx_file={onnx_file}",
+                                        "evaluate.conf_threshold=0.0", "evaluate.ioi_threshold=0.0"],
+                             results_dir=str(tmp_path / "ev_onnx")))
+    for key in ("gIoU", "cIoU", "N_acc", "T_acc"):
+        assert ort[key] == pytest.approx(scores[key], abs=0.005, nan_ok=True), key
+    onnx_rows = json.loads((tmp_path / "ev_onnx" / "evaluate" / "detections.json").read_text())
+    assert [r["no_target"] for r in onnx_rows] == [r["no_target"] for r in rows]
 
     run_action(compose(TINY_VG + ["action=inference", f"inference.checkpoint={ckpt}", "inference.conf_threshold=0.0"],
                        results_dir=str(tmp_path / "inf")))

@@ -28,7 +28,8 @@ from groundlab.models.mask_gdino.dynamic_mask import query_masks
 from groundlab.models.mask_gdino.model import MaskGroundingDINO
 from groundlab.predict.deploy_meta import GraphInfo, set_onnx_info
 from groundlab.predict.graph_contract import (
-    IMAGE_GRAPH_INPUTS, INPUTS, MASK_OUTPUT, OUTPUTS, TEXT_GRAPH_INPUTS, TEXT_GRAPH_OUTPUTS, split_graph_paths,
+    IMAGE_GRAPH_INPUTS, INPUTS, MASK_OUTPUT, OUTPUTS, REGION_OUTPUTS, TEXT_GRAPH_INPUTS, TEXT_GRAPH_OUTPUTS,
+    split_graph_paths,
 )
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ def _outputs(model: GroundingDINO, out: Dict[str, torch.Tensor]) -> Tuple[torch.
     result = (out["pred_logits"], out["pred_boxes"])
     if isinstance(model, MaskGroundingDINO):
         result += (every_query_mask(out),)
+        if model.region_head is not None:
+            result += tuple(out[name] for name in REGION_OUTPUTS)
     return result
 
 
@@ -104,7 +107,10 @@ class ExportedGraph:
 
 
 def output_names(model: GroundingDINO) -> List[str]:
-    return list(OUTPUTS) + ([MASK_OUTPUT] if isinstance(model, MaskGroundingDINO) else [])
+    names = list(OUTPUTS)
+    if isinstance(model, MaskGroundingDINO):
+        names += [MASK_OUTPUT] + (list(REGION_OUTPUTS) if model.region_head is not None else [])
+    return names
 
 
 def check_simplifier(simplify: bool) -> None:

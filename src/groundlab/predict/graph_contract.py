@@ -15,7 +15,9 @@ Full graph (`<name>.onnx`), B images, L = model.max_text_len (text always padded
 | `text_token_mask` | (B, L, L) | bool | the sub-sentence self-attention mask (padding attends to itself) |
 
 outputs `pred_logits` (B, Q, L) float32 (-inf on padding tokens and padded queries), `pred_boxes` (B, Q, 4) cxcywh in
-[0, 1], and for Mask Grounding DINO `pred_masks` (B, Q, H/4, W/4): stride-4 mask logits of every query.
+[0, 1], and for Mask Grounding DINO `pred_masks` (B, Q, H/4, W/4): stride-4 mask logits of every query; with region
+queries (referring segmentation, as TAO's VG engines) also `no_targets` (B, 2) logits [target, no target] and
+`union_mask_logits` (B, 2, H/8, W/8) logits [background, foreground] of the referred objects' union.
 
 Split export (`export.split_text_encoder`), so a fixed class list is encoded once:
 - `<name>.text.onnx`: `input_ids`, `position_ids`, `token_type_ids`, `text_token_mask` -> `text_features`
@@ -41,6 +43,7 @@ TEXT_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids", 
 INPUTS = (IMAGE_INPUT,) + TEXT_INPUTS
 OUTPUTS = ("pred_logits", "pred_boxes")
 MASK_OUTPUT = "pred_masks"
+REGION_OUTPUTS = ("no_targets", "union_mask_logits")  # the region head's (num_region_queries > 0)
 INPUT_DTYPES = {"inputs": np.float32, "input_ids": np.int64, "attention_mask": np.bool_, "position_ids": np.int64,
                 "token_type_ids": np.int64, "text_token_mask": np.bool_, "text_features": np.float32}
 

@@ -6,7 +6,8 @@ is predict/graph_contract.py) behind torch_backend.py's interface, so evaluate a
 - `encode_image(images, padding_mask)`: the images themselves; they must be exactly the graph's H x W, unpadded
   (the predictor's transforms resize to the graph's size: predict/backends.py).
 - `detect(image, text)`: {"pred_logits" (B, Q, L), "pred_boxes" (B, Q, 4)[, "pred_masks" (B, Q, H/4, W/4) stride-4
-  mask logits]} as float32 torch tensors on the predictor's device. A graph of fixed batch N runs the images N
+  mask logits][, "no_targets" (B, 2), "union_mask_logits" (B, 2, H/8, W/8) with region queries]} as float32 torch
+  tensors on the predictor's device. A graph of fixed batch N runs the images N
   at a time (the last group padded with copies, then dropped).
 
 Providers: the CPU, or CUDA (with the CPU for what CUDA lacks) when the predictor's device is a GPU.
@@ -26,8 +27,8 @@ from groundlab.config import ConfigError
 from groundlab.errors import MissingFile
 from groundlab.predict.deploy_meta import METADATA_KEY, GraphInfo, text_graph_path
 from groundlab.predict.graph_contract import (
-    GRAPH_INPUTS, IMAGE_INPUT, INPUT_DTYPES, INPUT_SHAPES, MASK_OUTPUT, OUTPUTS, TEXT_FEATURES, TEXT_GRAPH_OUTPUTS,
-    batch_groups, graph_tokens,
+    GRAPH_INPUTS, IMAGE_INPUT, INPUT_DTYPES, INPUT_SHAPES, MASK_OUTPUT, OUTPUTS, REGION_OUTPUTS, TEXT_FEATURES,
+    TEXT_GRAPH_OUTPUTS, batch_groups, graph_tokens,
 )
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,7 @@ class OnnxRuntimeBackend:
             self.text_types = input_types(self.text_session, text_file)
         self.types = input_types(self.session, onnx_file)
         self.input_names = list(self.types)
-        self.output_names = [n for n in (*OUTPUTS, MASK_OUTPUT)
+        self.output_names = [n for n in (*OUTPUTS, MASK_OUTPUT, *REGION_OUTPUTS)
                              if n in {o.name for o in self.session.get_outputs()}]
 
     @property
@@ -167,6 +168,11 @@ class OnnxRuntimeBackend:
     def has_masks(self) -> bool:
         """detect() also returns "pred_masks", every query's stride-4 mask logits."""
         return self.info.has_masks
+
+    @property
+    def has_region_head(self) -> bool:
+        """detect() also returns "no_targets" and "union_mask_logits" (referring segmentation)."""
+        return all(n in self.output_names for n in REGION_OUTPUTS)
 
     @property
     def input_size(self) -> Optional[Tuple[int, int]]:

@@ -31,7 +31,7 @@ import torch
 
 from groundlab.errors import DataError, MissingFile, UserError
 from groundlab.predict.deploy_meta import GraphInfo, sidecar_path
-from groundlab.predict.graph_contract import INPUTS, TEXT_INPUTS, batch_groups, graph_tokens
+from groundlab.predict.graph_contract import INPUTS, REGION_OUTPUTS, TEXT_INPUTS, batch_groups, graph_tokens
 
 # TensorRT DataType member name -> torch dtype (the engine's declared I/O types)
 TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
@@ -112,6 +112,11 @@ class TensorRTBackend:
     def has_masks(self) -> bool:
         return "pred_masks" in self.outputs
 
+    @property
+    def has_region_head(self) -> bool:
+        """detect() also returns "no_targets" and "union_mask_logits" (referring segmentation)."""
+        return all(n in self.outputs for n in REGION_OUTPUTS)
+
     def encode_text(self, tokens: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in pad_tokens(tokens, self.text_len).items()}
 
@@ -146,6 +151,8 @@ class TensorRTBackend:
                   "pred_boxes": outputs["pred_boxes"].float()}
         if self.has_masks:
             result["pred_masks"] = outputs["pred_masks"].float()
+        if self.has_region_head:
+            result.update({n: outputs[n].float() for n in REGION_OUTPUTS})
         return result
 
     def _execute(self, feeds: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
