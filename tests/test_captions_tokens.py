@@ -189,3 +189,17 @@ def test_a_missing_text_encoder_fails_naming_the_path_it_tried(tmp_path, compose
     cfg = compose(TINY_GDINO + [f"model.text_encoder_type={missing}"])
     with pytest.raises(TextEncoderNotFound, match="model.text_encoder_type"):
         build_gdino(cfg.model)  # the model gets its phrase delimiters from the tokenizer: no silent fallback
+
+
+@pytest.mark.parametrize("make", [lambda c: grounding_prompt(c, [c], [[(0, len(c))]]), caption_prompt],
+                         ids=["grounding", "free-form"])
+def test_an_unterminated_caption_is_read_as_one_sentence(tokenizer, make):
+    """A caption without a closing "." gets " ." (as IDEA-Research's preprocess_caption): otherwise the final
+    [SEP] closes nothing and every word would attend only to itself. Its span stays on the words."""
+    prompt = make("shape below the blue triangle")
+    assert prompt.text == "shape below the blue triangle ."
+    tok = PromptEncoder(tokenizer, 32).encode([prompt])
+    words = tok["attention_mask"][0].nonzero().flatten()[1:-2]  # between [CLS] and the closing "."
+    block = tok["text_self_attention_mask"][0][words][:, words]
+    assert bool(block.all()) and len(words) == 5
+    assert grounding_prompt("a dog.", ["a dog"], [[(0, 5)]]).text == "a dog."  # already closed: unchanged

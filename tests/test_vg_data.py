@@ -277,7 +277,7 @@ def test_vg_evaluation_sample_prompts_the_whole_expression_with_union_at_origina
     for i in range(len(ds)):
         item, (_, rec) = ds[i], ds.locate(i)
         t, expr = item["target"], rec["expression"]
-        assert item["prompt"].text == expr and item["prompt"].phrases == (expr,)
+        assert item["prompt"].text == expr + " ." and item["prompt"].phrases == (expr,)
         assert item["prompt"].spans == (((0, len(expr)),),) and item["prompt_class_ids"] == [-1]
         assert t["vg_union"].dtype == torch.bool and tuple(t["vg_union"].shape) == tuple(t["orig_size"].tolist())
         assert tuple(t["orig_size"].tolist()) == (64, 80) and tuple(item["image"].shape[1:]) != (64, 80)
@@ -295,7 +295,7 @@ def test_vg_evaluation_sample_prompts_the_whole_expression_with_union_at_origina
     for b, t in enumerate(batch["targets"]):  # every referred box is positive on the whole expression
         for row in t["positive_map"]:
             ids = batch["input_ids"][b][row[: batch["input_ids"].shape[1]].bool()]
-            assert ds.encoder.tokenizer.decode(ids) == batch["prompts"][b].text
+            assert ds.encoder.tokenizer.decode(ids) == batch["prompts"][b].phrases[0]
 
 
 def test_vg_training_samples_are_grounding_records_with_empty_ones(compose):
@@ -308,12 +308,12 @@ def test_vg_training_samples_are_grounding_records_with_empty_ones(compose):
     for it in empty:
         t = it["target"]
         assert len(t["boxes"]) == 0 and t["masks"].shape == (0,) + tuple(it["image"].shape[1:])
-        assert it["prompt"].phrases == (it["prompt"].text,)
+        assert it["prompt"].text == it["prompt"].phrases[0] + " ."
     full = [i for i, it in enumerate(items) if not it["target"]["empty"]][:6]
     batch = collate([items[i] for i in full])
     for b, (t, i) in enumerate(zip(batch["targets"], full)):
         _, rec = ds.locate(i)
-        assert t["masks"].shape[0] == len(t["boxes"]) and batch["prompts"][b].text == rec["expression"]
+        assert t["masks"].shape[0] == len(t["boxes"]) and batch["prompts"][b].text == rec["expression"] + " ."
         for row in t["positive_map"]:  # positive tokens: the referent's words, e.g. "shape" of a relation
             ids = batch["input_ids"][b][row[: batch["input_ids"].shape[1]].bool()]
             assert ds.encoder.tokenizer.decode(ids) == rec["phrases"][0]

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from groundlab.text.captions import Prompt, Span, expression_prompt
+from groundlab.text.captions import Prompt, Span, expression_prompt, terminated
 from groundlab.errors import DataError, MissingFile
 from groundlab.data.bad_images import BadImage
 from groundlab.data.image_decode import ImageDecodeError, decode_rgb
@@ -47,7 +47,7 @@ def caption_prompt(caption: str) -> Prompt:
         start = end + 1
     if not phrases:
         raise DataError(f"caption {caption!r} has no words")
-    return Prompt(caption, tuple(phrases), tuple(spans))
+    return Prompt(terminated(caption), tuple(phrases), tuple(spans))
 
 
 def item_prompt(caption: str, referring: bool = False, where: Optional[str] = None) -> Prompt:

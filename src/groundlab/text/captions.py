@@ -140,11 +140,20 @@ def sample_detection_prompt(
     return class_prompt([names[i] for i in class_ids]), class_ids
 
 
+def terminated(caption: str) -> str:
+    """`caption` ending in a phrase delimiter: " ." appended unless it ends with "." or "?" (IDEA-Research's
+    preprocess_caption appends "." too). The sub-sentence attention mask closes a phrase at a delimiter; the final
+    [SEP] closes nothing, so without one the last phrase's tokens would attend only to themselves and BERT would
+    read an unterminated expression word by word. Spans into the caption stay valid: text is only appended."""
+    return caption if caption.rstrip().endswith((".", "?")) else caption + " ."
+
+
 def grounding_prompt(
     caption: str, phrases: Sequence[str], spans: Sequence[Optional[Sequence[Span]]], where: Optional[str] = None
 ) -> Prompt:
     """Prompt for a grounding record: given spans are checked; a phrase without spans is located as a
-    whole-word occurrence not yet claimed by another phrase (a missing phrase is an error naming `where`)."""
+    whole-word occurrence not yet claimed by another phrase (a missing phrase is an error naming `where`). The
+    prompt's text is the caption `terminated`."""
     claimed: List[Span] = [tuple(s) for ss in spans if ss for s in ss]
     out: List[Tuple[Span, ...]] = []
     for phrase, given in zip(phrases, spans):
@@ -166,7 +175,7 @@ def grounding_prompt(
             raise DataError(f"phrase {phrase!r} does not occur in caption {caption!r}", where)
         claimed.append(found)
         out.append((found,))
-    return Prompt(caption, tuple(phrases), tuple(out))
+    return Prompt(terminated(caption), tuple(phrases), tuple(out))
 
 
 def expression_prompt(expression: str, where: Optional[str] = None) -> Prompt:
