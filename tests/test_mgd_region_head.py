@@ -82,7 +82,8 @@ def test_region_outputs_losses_and_gradients(tiny_vg):
     criterion.weighted_total(losses).backward()
     params = dict(model.named_parameters())
     for name in ("region_head.query_feat.weight", "region_head.nt_embed.layers.0.weight",
-                 "region_head.minimap_embed.weight", "region_head.lang_attn.in_proj_weight",
+                 "region_head.minimap_embed.weight", "region_head.layers.0.lang.attn.in_proj_weight",
+                 "region_head.layers.2.objects.attn.in_proj_weight", "transformer.decoder.layers.1.linear1.weight",
                  "mask_head.jia_dcn.weight"):
         assert params[name].grad is not None and params[name].grad.abs().sum() > 0, name
 

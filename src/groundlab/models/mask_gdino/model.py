@@ -83,8 +83,10 @@ class MaskGroundingDINO(GroundingDINO):
             for h, w in shapes[:REGION_LEVELS]:
                 padding.append(transformer_out["memory_padding"][:, start : start + h * w].reshape(B, h, w))
                 start += h * w
+            P = num_denoising  # the denoising queries are training aids, not objects of the image
             result.update(self.region_head(levels, padding, transformer_out["text"], result["text_token_mask"],
-                                           fused))
+                                           fused, transformer_out["hidden"][-1][:, P:],
+                                           transformer_out["query_mask"]))
         hidden, references = transformer_out["hidden"], transformer_out["references"]
         last = len(hidden) - 1
         layers = [(last, result)]

@@ -4,8 +4,7 @@ Facts from ReLA (Liu et al., "GRES: Generalized Referring Expression Segmentatio
 R learnable region queries (feature + position embedding) run a masked-attention decoder over three memory levels,
 coarsest first (strides 32, 16, 8 here: the encoder memory of levels 2, 1, 0); each layer is a cross-attention to
 one level whose keys are limited to where the region's previous mask is on (a region whose mask is empty everywhere
-attends everywhere), a self-attention among the regions, and a feed-forward block, post-norm. Only the first layer
-also attends to the language features (a gated residual), as ReLA does for memory. After each layer:
+attends everywhere), a self-attention among the regions, and a feed-forward block, post-norm. After each layer:
   region masks    = MLP(region) . pixel features        (B, R, H8, W8)   the next layer's attention mask
   minimap         = Linear(region) -> 2                  (B, R, 2)        [background, foreground] per region
   union mask      = sum_r minimap[r] x mask embedding[r] . pixel features (B, 2, H8, W8)
@@ -13,9 +12,16 @@ also attends to the language features (a gated residual), as ReLA does for memor
 The minimap ties region r to cell r of a sqrt(R) x sqrt(R) grid over the image (ReLA: 100 regions, 10 x 10), so R
 must be a perfect square. The pixel features are the mask branch's fused stride-8 map (hidden_dim channels,
 MaskPixelDecoder.fuse), so the region head adds no second pixel decoder. Only the last layer's outputs are returned
-(ReLA supervises only the last one as well). Differences to ReLA, on purpose: the language features are already
-in hidden_dim (Grounding DINO's feature enhancer), so there is no 768 -> d projection; padded image tokens are
-masked out of every attention; masks are additive float masks (boolean attention masks do not export reliably).
+(ReLA supervises only the last one as well).
+
+Differences to ReLA, on purpose. ReLA's image features come from a backbone that fused the language at every stage;
+Grounding DINO's encoder memory carries far less of it, and with ReLA's single language attention in the first layer
+the head learned expression-blind unions and a no-target decision from the words alone (measured on the synthetic
+referring split). So every layer attends, gated, (a) to the expression's tokens and (b) to the detection decoder's
+final object queries, which already score each object against those tokens: "is there a green square" is then
+read off the objects found, not guessed from the words. The language features are already in hidden_dim (no
+768 -> d projection); padded image tokens, padded text tokens and padded object queries are masked out of every
+attention; masks are additive float masks (boolean attention masks do not export reliably).
 """
 
 from __future__ import annotations
@@ -43,13 +49,32 @@ def minimap_side(num_region_queries: int) -> int:
     return side
 
 
+class _GatedAttention(nn.Module):
+    """x + sigmoid(gate) * attention(x + query_pos, keys, values), layer-normed: a context the regions may use as
+    much as they learn to (gate 0 at the start: half strength)."""
+
+    def __init__(self, d: int, nheads: int):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, nheads, batch_first=True)
+        self.norm = nn.LayerNorm(d)
+        self.gate = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor, query_pos: torch.Tensor, context: torch.Tensor,
+                padding: torch.Tensor) -> torch.Tensor:
+        out = self.attn(x + query_pos, context, context, key_padding_mask=padding, need_weights=False)[0]
+        return self.norm(x + self.gate.sigmoid() * out)
+
+
 class _RegionLayer(nn.Module):
-    """Cross-attention to one memory level, self-attention among regions, FFN; post-norm (Mask2Former)."""
+    """Cross-attention to one memory level, to the expression's tokens and to the detector's object queries,
+    self-attention among regions, FFN; post-norm (Mask2Former)."""
 
     def __init__(self, d: int, nheads: int, dim_feedforward: int):
         super().__init__()
         self.cross = nn.MultiheadAttention(d, nheads, batch_first=True)
         self.cross_norm = nn.LayerNorm(d)
+        self.lang = _GatedAttention(d, nheads)
+        self.objects = _GatedAttention(d, nheads)
         self.self_attn = nn.MultiheadAttention(d, nheads, batch_first=True)
         self.self_norm = nn.LayerNorm(d)
         self.ffn = nn.Sequential(nn.Linear(d, dim_feedforward), nn.ReLU(), nn.Linear(dim_feedforward, d))
@@ -67,13 +92,14 @@ class _RegionLayer(nn.Module):
 
 
 class RegionQueryHead(nn.Module):
-    """forward(levels, level_masks, text, text_token_mask, pixel) -> {"no_targets": (B, 2) logits [target, no
+    """forward(levels, level_masks, text, text_token_mask, pixel, objects, object_mask) -> {"no_targets": (B, 2) logits [target, no
     target], "union_mask_logits": (B, 2, H8, W8) logits [background, foreground], "minimap_logits": (B, R, 2),
     "region_masks": (B, R, H8, W8) logits}.
 
     levels: memory of the three finest levels, finest first, each (B, d, H_l, W_l); level_masks: (B, H_l, W_l) True
     on padding; text: (B, L, d) enhanced text; text_token_mask: (B, L) True on real tokens; pixel: (B, d, H8, W8)
-    the fused stride-8 pixel features."""
+    the fused stride-8 pixel features; objects: (B, Q, d) the detection decoder's last-layer queries, object_mask:
+    (B, Q) True on real queries."""
 
     def __init__(self, d: int, nheads: int, num_regions: int, num_layers: int, dim_feedforward: int):
         super().__init__()
@@ -84,9 +110,6 @@ class RegionQueryHead(nn.Module):
         self.level_embed = nn.Embedding(REGION_LEVELS, d)
         self.position = SinePositionEmbedding2D(d // 2)
         self.layers = nn.ModuleList(_RegionLayer(d, nheads, dim_feedforward) for _ in range(num_layers))
-        self.lang_attn = nn.MultiheadAttention(d, nheads, batch_first=True)
-        self.lang_norm = nn.LayerNorm(d)
-        self.lang_gate = nn.Parameter(torch.zeros(()))  # sigmoid(0) = 0.5: language enters at half strength
         self.norm = nn.LayerNorm(d)
         self.mask_embed = MLP(d, d, d, 3)
         self.minimap_embed = nn.Linear(d, 2)
@@ -116,7 +139,8 @@ class RegionQueryHead(nn.Module):
         return mask.repeat_interleave(self.nheads, 0)
 
     def forward(self, levels: List[torch.Tensor], level_masks: List[torch.Tensor], text: torch.Tensor,
-                text_token_mask: torch.Tensor, pixel: torch.Tensor) -> Dict[str, torch.Tensor]:
+                text_token_mask: torch.Tensor, pixel: torch.Tensor, objects: torch.Tensor,
+                object_mask: torch.Tensor) -> Dict[str, torch.Tensor]:
         order = list(range(REGION_LEVELS))[::-1]  # coarsest first
         memory, memory_pos, padding, sizes = [], [], [], []
         for k, lvl in enumerate(order):
@@ -130,13 +154,13 @@ class RegionQueryHead(nn.Module):
         query_pos = self.query_pos.weight[None].expand(B, -1, -1)
         out = self.heads(x, pixel)
         text_padding = (~text_token_mask).to(text.dtype) * torch.finfo(text.dtype).min
+        object_padding = (~object_mask).to(objects.dtype) * torch.finfo(objects.dtype).min
         for i, layer in enumerate(self.layers):
             k = i % REGION_LEVELS
             x = layer.attend(x, query_pos, memory[k], memory_pos[k],
                              self._attn_mask(out["region_masks"], padding[k], sizes[k]))
-            if i == 0:
-                lang = self.lang_attn(x + query_pos, text, text, key_padding_mask=text_padding, need_weights=False)[0]
-                x = self.lang_norm(x + self.lang_gate.sigmoid() * lang)
+            x = layer.lang(x, query_pos, text, text_padding)
+            x = layer.objects(x, query_pos, objects, object_padding)
             x = layer.finish(x, query_pos)
             out = self.heads(x, pixel)
         return out

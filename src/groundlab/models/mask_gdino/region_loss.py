@@ -7,8 +7,11 @@ truncated to {0, 1}; here both the minimap and the union mask learn against *sof
 the union inside each cell, so a cell half-covered by a small object is not simply background:
   loss_nt      = CE(no_targets (B, 2), empty)                              [target, no target]
   loss_minimap = BCE(minimap fg - bg logit (B, R), union area-pooled to the sqrt(R) x sqrt(R) grid of the image)
-  loss_union   = BCE(union fg - bg logit (B, H_s, W_s), union area-pooled to stride s), over the image's cells
-(the two-class softmax against (1 - t, t) is exactly the BCE of the logit difference against t). Weights:
+  loss_union   = BCE(union fg - bg logit (B, H_s, W_s), union area-pooled to stride s), over the image's cells,
+                 + the soft dice of the same (per sample, mean over the batch)
+(the two-class softmax against (1 - t, t) is exactly the BCE of the logit difference against t). The dice term is
+ours: referred objects cover a few percent of an image, and with BCE alone the union learned to be background
+everywhere, which the intersection-over-instance filter then turns into "nothing found". Weights:
 model.rela_nt_loss_coef / rela_minimap_loss_coef / rela_union_mask_loss_coef (1.0 / 0.5 / 2.0). An empty sample
 contributes to all three: its targets are "no target" and an all-background union.
 """
@@ -56,9 +59,11 @@ def region_losses(outputs: Dict[str, Tensor], masks: Sequence[Tensor], stride: i
     union_diff = union_logits[:, 1] - union_logits[:, 0]
     per_cell = F.binary_cross_entropy_with_logits(union_diff, union_t, reduction="none")
     loss_union = (per_cell * cells).sum() / cells.sum().clamp(min=1)
+    prob = union_diff.sigmoid() * cells
+    dice = 1 - (2 * (prob * union_t).flatten(1).sum(1) + 1) / (prob.flatten(1).sum(1) + union_t.flatten(1).sum(1) + 1)
     minimap_diff = minimap_logits[..., 1] - minimap_logits[..., 0]
     return {
         "loss_nt": F.cross_entropy(outputs["no_targets"].float(), empty),
         "loss_minimap": F.binary_cross_entropy_with_logits(minimap_diff, minimap_t),
-        "loss_union": loss_union,
+        "loss_union": loss_union + dice.mean(),
     }
