@@ -95,3 +95,23 @@ def export_onnx(model, images, text, path):
     info = graph_info(model, OmegaConf.to_container(model.cfg, resolve=True), None, tuple(images.shape[-2:]), None)
     export_gdino(model, info, str(path), example)
     return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]), example
+
+
+def tiny_training_setup(compose, overrides):
+    """(cfg, model with random weights (seed 0), its criterion, the augmented train set, its collate) of a config."""
+    from groundlab.data.build import build_grounding_dataset
+    import torch
+
+    from groundlab.models.gdino.build import build_gdino, criterion_for
+
+    cfg = compose(overrides)
+    torch.manual_seed(0)
+    model = build_gdino(cfg.model).model
+    train, collate = build_grounding_dataset(cfg, "train", augment=True)
+    return cfg, model, criterion_for(cfg.model), train, collate
+
+
+def forward_batch(model, batch):
+    """A Grounding DINO's training forward on a collated batch (targets feed the denoising queries)."""
+    return model(batch["images"], batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                 batch["position_ids"], batch["text_self_attention_mask"], batch["padding_mask"], batch["targets"])

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import SMALL_SYNTHETIC, TINY_GDINO
+from conftest import SMALL_SYNTHETIC, TINY_GDINO, forward_batch, tiny_training_setup
 from groundlab.models.mask_gdino.criterion import masks_at_stride4
 from groundlab.models.mask_gdino.dynamic_mask import aligned_bilinear, num_dynamic_params, query_masks
 
@@ -65,26 +65,14 @@ def test_ground_truth_is_sampled_at_stride_4_and_padded():
 
 @pytest.fixture(scope="module")
 def tiny(compose):
-    from groundlab.data.build import build_grounding_dataset
-    from groundlab.models.gdino.build import build_gdino, criterion_for
-
-    cfg = compose(MGD + ["model.dn_number=4"])
-    torch.manual_seed(0)
-    model = build_gdino(cfg.model).model
-    train, collate = build_grounding_dataset(cfg, "train", augment=True)
-    return cfg, model, criterion_for(cfg.model), train, collate
-
-
-def _forward(model, batch):
-    return model(batch["images"], batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
-                 batch["position_ids"], batch["text_self_attention_mask"], batch["padding_mask"], batch["targets"])
+    return tiny_training_setup(compose, MGD + ["model.dn_number=4"])
 
 
 def test_mask_losses_on_every_decoder_layer_only(tiny):
     cfg, model, criterion, train, collate = tiny
     model.train()
     batch = collate([train[i] for i in range(3)])
-    out = _forward(model, batch)
+    out = forward_batch(model, batch)
     losses = criterion(out, batch["targets"])
     mask_keys = sorted(k for k in losses if k.startswith(("loss_mask", "loss_dice")))
     # 2 decoder layers: the final one and aux layer 0; nothing for "_interm" or "_dn"
@@ -109,7 +97,7 @@ def test_images_without_objects_train(tiny):
         for key in ("boxes", "labels", "phrase_ids", "iscrowd", "masks"):
             t[key] = t[key][:0]
     batch = collate(items)
-    out = _forward(model, batch)
+    out = forward_batch(model, batch)
     losses = criterion(out, batch["targets"])
     assert losses["loss_mask"].item() == 0.0 and losses["loss_dice"].item() == 0.0
     model.zero_grad()

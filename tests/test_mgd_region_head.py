@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import SMALL_SYNTHETIC, TINY_GDINO
+from conftest import SMALL_SYNTHETIC, TINY_GDINO, forward_batch, tiny_training_setup
 from groundlab.models.mask_gdino.region_head import RegionQueryHead, minimap_side
 from groundlab.models.mask_gdino.region_loss import region_losses, union_targets
 
@@ -50,26 +50,14 @@ def test_region_head_attends_only_where_its_mask_is_on():
 
 @pytest.fixture(scope="module")
 def tiny_vg(compose):
-    from groundlab.data.build import build_grounding_dataset
-    from groundlab.models.gdino.build import build_gdino, criterion_for
-
-    cfg = compose(MGD_VG)
-    torch.manual_seed(0)
-    model = build_gdino(cfg.model).model
-    train, collate = build_grounding_dataset(cfg, "train", augment=True)
-    return cfg, model, criterion_for(cfg.model), train, collate
-
-
-def _forward(model, batch):
-    return model(batch["images"], batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
-                 batch["position_ids"], batch["text_self_attention_mask"], batch["padding_mask"], batch["targets"])
+    return tiny_training_setup(compose, MGD_VG)
 
 
 def test_region_outputs_losses_and_gradients(tiny_vg):
     cfg, model, criterion, train, collate = tiny_vg
     model.train()
     batch = collate([train[i] for i in range(2)])
-    out = _forward(model, batch)
+    out = forward_batch(model, batch)
     B, _, H, W = batch["images"].shape
     h8, w8 = out["mask_features"].shape[-2:]
     assert out["no_targets"].shape == (B, 2) and out["minimap_logits"].shape == (B, 16, 2)
@@ -102,7 +90,7 @@ def test_an_empty_sample_learns_no_target(tiny_vg):
     opt = torch.optim.SGD(head.parameters(), lr=0.05)
     probs = []
     for _ in range(4):
-        out = _forward(model, batch)
+        out = forward_batch(model, batch)
         losses = region_losses(out, [t["masks"]], int(out["mask_stride"]))
         probs.append(out["no_targets"].softmax(-1)[0, 1].item())
         opt.zero_grad()
