@@ -36,6 +36,28 @@ def evaluate(run_dir: str, overrides) -> dict:
         return json.load(f)["metrics"]
 
 
+def per_kind_iou(run_dir: str, overrides) -> dict:
+    """Mean IoU per expression kind (category, colour, shape, size, position, relation, no_target): evaluate's
+    per-expression detections.json joined with the synthetic referring split's `kind` of each line."""
+    from hydra import compose, initialize_config_dir
+
+    from groundlab.config.store import register_configs
+    from groundlab.data.sources import synthetic_paths
+
+    register_configs()
+    with initialize_config_dir(os.path.join(REPO, "conf"), version_base=None):
+        cfg = compose("config", overrides=["experiment=mgd_vg_quickstart", *overrides])
+    paths = synthetic_paths(cfg.dataset, os.path.expanduser(cfg.cache_dir))
+    with open(paths.referring_val) as f:
+        kinds = {line_no: json.loads(line)["grounding"].get("kind", "?") for line_no, line in enumerate(f, 1)}
+    with open(os.path.join(run_dir, "evaluate", "detections.json")) as f:
+        rows = json.load(f)
+    out: dict = {}
+    for r in rows:
+        out.setdefault(kinds.get(int(r["image_id"]), "?"), []).append(float(r["iou"]))
+    return {k: (sum(v) / len(v), len(v)) for k, v in sorted(out.items())}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--minutes", type=float, default=18.0, help="training budget (train.max_time_minutes)")
@@ -51,6 +73,8 @@ def main() -> None:
     for key in FINAL:
         value = metrics.get(key)
         print(f"{key}: {'nan' if value is None else f'{float(value):.4f}'}")
+    for kind, (iou, n) in per_kind_iou(run_dir, args.overrides).items():
+        print(f"IoU_{kind}: {iou:.4f}  (n={n})")
     print(f"run_dir: {run_dir}")
 
 

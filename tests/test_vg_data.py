@@ -301,7 +301,8 @@ def test_vg_evaluation_sample_prompts_the_whole_expression_with_union_at_origina
 def test_vg_training_samples_are_grounding_records_with_empty_ones(compose):
     cfg = compose(SMALL_VG)
     ds, collate = build_grounding_dataset(cfg, "train", augment=True)
-    items = [ds[i] for i in range(len(ds))]
+    assert [src.data_type for src in ds.sources] == ["VG", "OD"]  # the expressions, then the detection records
+    items = [ds[i] for i in range(len(ds.sources[0].records))]
     assert all("vg_union" not in it["target"] for it in items)  # the union is an evaluation target
     empty = [it for it in items if it["target"]["empty"]]
     assert empty and len(empty) < len(items)
@@ -359,7 +360,9 @@ def test_synthetic_vg_resolves_referring_sources(compose):
     p = synthetic_paths(cfg.dataset, cfg.cache_dir)
     resolved = resolve_sources(cfg.dataset, cfg.cache_dir)
     assert resolved["train"] == [{"image_dir": p.train_images, "json_file": p.referring_train, "label_map": None,
-                                  "data_type": "VG"}]
+                                  "data_type": "VG"},
+                                 {"image_dir": p.train_images, "json_file": p.train_odvg, "label_map": p.label_map,
+                                  "data_type": "OD"}]
     assert resolved["val"] == resolved["test"] == {"image_dir": p.val_images, "json_file": p.referring_val,
                                                    "label_map": None, "data_type": "VG"}
     infer = resolved["infer"]

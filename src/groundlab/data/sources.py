@@ -49,7 +49,7 @@ def resolve_sources(dataset: DictConfig, cache_dir: str) -> Dict[str, Any]:
     Annotated sources have keys image_dir, json_file, label_map, data_type ("OD" | "VG"); "infer" is
     dataset.infer_data_sources as a dict (image_dir a list, json_file, data_type, captions, classmap).
     For dataset.type=synthetic and synthetic_vg they point into the generated dataset: synthetic_vg trains on
-    referring_train.jsonl, evaluates referring_val.jsonl and infers referring_infer.jsonl (val images), all VG."""
+    referring_train.jsonl and the scenes' detection records (train_odvg.jsonl), evaluates referring_val.jsonl and infers referring_infer.jsonl (val images), all VG."""
     container = OmegaConf.to_container(dataset, resolve=True)
     infer = container.get("infer_data_sources")
     if dataset.type == "synthetic":
@@ -61,10 +61,13 @@ def resolve_sources(dataset: DictConfig, cache_dir: str) -> Dict[str, Any]:
         p = synthetic_paths(dataset, cache_dir)
         val = {"image_dir": p.val_images, "json_file": p.referring_val, "label_map": None, "data_type": "VG"}
         train = {"image_dir": p.train_images, "json_file": p.referring_train, "label_map": None, "data_type": "VG"}
+        # and the same scenes' detection records: grounding models learn from detection and grounding data together,
+        # and the class prompts give the detector (and the union head: everything a prompt names) far more positives
+        detection = {"image_dir": p.train_images, "json_file": p.train_odvg, "label_map": p.label_map, "data_type": "OD"}
         if not infer.get("image_dir") and not infer.get("json_file"):  # the user's own images win
             infer = {"image_dir": [p.val_images], "json_file": p.referring_infer, "data_type": "VG", "captions": [],
                      "classmap": None}
-        return {"train": [train], "val": val, "test": val, "quant_calibration": train, "infer": infer}
+        return {"train": [train, detection], "val": val, "test": val, "quant_calibration": train, "infer": infer}
 
     def given(source):
         return source if source and source.get("json_file") else None

@@ -86,7 +86,7 @@ class MaskGroundingDINO(GroundingDINO):
             P = num_denoising  # the denoising queries are training aids, not objects of the image
             result.update(self.region_head(levels, padding, transformer_out["text"], result["text_token_mask"],
                                            fused, transformer_out["hidden"][-1][:, P:],
-                                           transformer_out["query_mask"]))
+                                           transformer_out["query_mask"], result["pred_logits"]))
         hidden, references = transformer_out["hidden"], transformer_out["references"]
         last = len(hidden) - 1
         layers = [(last, result)]

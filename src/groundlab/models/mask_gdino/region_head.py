@@ -19,7 +19,8 @@ Grounding DINO's encoder memory carries far less of it, and with ReLA's single l
 the head learned expression-blind unions and a no-target decision from the words alone (measured on the synthetic
 referring split). So every layer attends, gated, (a) to the expression's tokens and (b) to the detection decoder's
 final object queries, which already score each object against those tokens: "is there a green square" is then
-read off the objects found, not guessed from the words. The language features are already in hidden_dim (no
+read off the objects found, not guessed from the words; the no-target classifier also reads the detector's best
+query probabilities directly (detached, a linear term on top of ReLA's pooled region vote). The language features are already in hidden_dim (no
 768 -> d projection); padded image tokens, padded text tokens and padded object queries are masked out of every
 attention; masks are additive float masks (boolean attention masks do not export reliably).
 """
@@ -37,6 +38,7 @@ from groundlab.models.common.mlp import MLP
 from groundlab.models.common.position_encoding import SinePositionEmbedding2D
 
 REGION_LEVELS = 3  # memory levels 0..2 (strides 8, 16, 32 with return_interm_indices [1, 2, 3])
+EVIDENCE_QUERIES = 3  # the no-target classifier reads the detector's best this many query scores
 
 
 def minimap_side(num_region_queries: int) -> int:
@@ -99,7 +101,7 @@ class RegionQueryHead(nn.Module):
     levels: memory of the three finest levels, finest first, each (B, d, H_l, W_l); level_masks: (B, H_l, W_l) True
     on padding; text: (B, L, d) enhanced text; text_token_mask: (B, L) True on real tokens; pixel: (B, d, H8, W8)
     the fused stride-8 pixel features; objects: (B, Q, d) the detection decoder's last-layer queries, object_mask:
-    (B, Q) True on real queries."""
+    (B, Q) True on real queries; object_logits: (B, Q, L) their token logits (-inf on padding)."""
 
     def __init__(self, d: int, nheads: int, num_regions: int, num_layers: int, dim_feedforward: int):
         super().__init__()
@@ -114,15 +116,21 @@ class RegionQueryHead(nn.Module):
         self.mask_embed = MLP(d, d, d, 3)
         self.minimap_embed = nn.Linear(d, 2)
         self.nt_embed = MLP(d, d, 2, 2)
+        # the detector's evidence: its EVIDENCE_QUERIES best query probabilities for the prompt -> no-target logits
+        self.nt_evidence = nn.Linear(EVIDENCE_QUERIES, 2)
+        nn.init.zeros_(self.nt_evidence.weight)
+        nn.init.zeros_(self.nt_evidence.bias)
 
-    def heads(self, x: torch.Tensor, pixel: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Prediction heads on (B, R, d) region features (module docstring for the outputs)."""
+    def heads(self, x: torch.Tensor, pixel: torch.Tensor, evidence: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Prediction heads on (B, R, d) region features and the (B, EVIDENCE_QUERIES) detector evidence (module
+        docstring for the outputs)."""
         region = self.norm(x)
         embed = self.mask_embed(region)  # (B, R, d)
         region_masks = torch.einsum("brc,bchw->brhw", embed, pixel)
         minimap = self.minimap_embed(region)  # (B, R, 2)
         union = torch.einsum("bra,brc,bchw->bahw", minimap, embed, pixel)
-        return {"no_targets": self.nt_embed(region).mean(1), "union_mask_logits": union,
+        no_targets = self.nt_embed(region).mean(1) + self.nt_evidence(evidence)
+        return {"no_targets": no_targets, "union_mask_logits": union,
                 "minimap_logits": minimap, "region_masks": region_masks}
 
     def _attn_mask(self, region_masks: torch.Tensor, key_padding: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -140,7 +148,7 @@ class RegionQueryHead(nn.Module):
 
     def forward(self, levels: List[torch.Tensor], level_masks: List[torch.Tensor], text: torch.Tensor,
                 text_token_mask: torch.Tensor, pixel: torch.Tensor, objects: torch.Tensor,
-                object_mask: torch.Tensor) -> Dict[str, torch.Tensor]:
+                object_mask: torch.Tensor, object_logits: torch.Tensor) -> Dict[str, torch.Tensor]:
         order = list(range(REGION_LEVELS))[::-1]  # coarsest first
         memory, memory_pos, padding, sizes = [], [], [], []
         for k, lvl in enumerate(order):
@@ -152,7 +160,10 @@ class RegionQueryHead(nn.Module):
         B = pixel.shape[0]
         x = self.query_feat.weight[None].expand(B, -1, -1)
         query_pos = self.query_pos.weight[None].expand(B, -1, -1)
-        out = self.heads(x, pixel)
+        # detached: the no-target loss must not bend the detector's calibrated scores; -inf (padding) -> 0
+        best = object_logits.detach().float().amax(-1).topk(min(EVIDENCE_QUERIES, object_logits.shape[1]), -1).values
+        evidence = F.pad(best.sigmoid(), (0, EVIDENCE_QUERIES - best.shape[1])).to(x.dtype)
+        out = self.heads(x, pixel, evidence)
         text_padding = (~text_token_mask).to(text.dtype) * torch.finfo(text.dtype).min
         object_padding = (~object_mask).to(objects.dtype) * torch.finfo(objects.dtype).min
         for i, layer in enumerate(self.layers):
@@ -162,5 +173,5 @@ class RegionQueryHead(nn.Module):
             x = layer.lang(x, query_pos, text, text_padding)
             x = layer.objects(x, query_pos, objects, object_padding)
             x = layer.finish(x, query_pos)
-            out = self.heads(x, pixel)
+            out = self.heads(x, pixel, evidence)
         return out
