@@ -192,7 +192,7 @@ def test_short_training_clearly_beats_the_untrained_model(compose, tmp_path):
     from groundlab.models.gdino.build import build_gdino, save_gdino
 
     base = ["experiment=quickstart", "train.max_time_minutes=null", "train.num_epochs=3",
-            "dataset.synthetic.num_train=256", "dataset.synthetic.num_val=64"]
+            "train.validation_interval=3", "dataset.synthetic.num_train=256", "dataset.synthetic.num_val=64"]
     torch.manual_seed(42)
     untrained = save_gdino(str(tmp_path / "untrained.pth"), build_gdino(compose(base).model).model, compose(base).model)
     before = run_action(compose(base + ["action=evaluate", f"evaluate.checkpoint={untrained}"],

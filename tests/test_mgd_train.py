@@ -79,7 +79,7 @@ def test_short_training_clearly_beats_the_untrained_model_on_masks(compose, tmp_
     from groundlab.models.gdino.build import build_gdino, save_gdino
 
     base = ["experiment=mgd_quickstart", "train.max_time_minutes=null", "train.num_epochs=3",
-            "dataset.synthetic.num_train=256", "dataset.synthetic.num_val=64"]
+            "train.validation_interval=3", "dataset.synthetic.num_train=256", "dataset.synthetic.num_val=64"]
     torch.manual_seed(42)
     model_cfg = compose(base).model
     untrained = save_gdino(str(tmp_path / "untrained.pth"), build_gdino(model_cfg).model, model_cfg)

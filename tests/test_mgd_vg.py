@@ -93,14 +93,14 @@ def test_train_evaluate_and_infer_referring_expressions(compose, tmp_path):
 
 @pytest.mark.slow
 def test_short_training_clearly_beats_the_untrained_model_on_expressions(compose, tmp_path):
-    """The quickstart's region-query model trained briefly on 24 scenes' expressions (and their detection records)
+    """The quickstart's region-query model trained briefly on 16 scenes' expressions (and their detection records)
     segments those expressions far better than the same model untrained: validation reads the training
     expressions themselves, so a short CPU run shows the head learning, not generalizing (the benchmark,
     benchmarks/mgd_vg_synthetic.py, measures that on unseen scenes)."""
     from groundlab.data.sources import synthetic_paths
     from groundlab.models.gdino.build import build_gdino, save_gdino
 
-    scenes = ["dataset.synthetic.num_train=24", "dataset.synthetic.num_val=4"]
+    scenes = ["dataset.synthetic.num_train=16", "dataset.synthetic.num_val=4"]
     generated = compose(["experiment=mgd_vg_quickstart", *scenes])
     p = synthetic_paths(generated.dataset, generated.cache_dir)
     source = f"{{image_dir: {p.train_images}, json_file: {p.referring_train}"
@@ -112,7 +112,8 @@ def test_short_training_clearly_beats_the_untrained_model_on_expressions(compose
     untrained = save_gdino(str(tmp_path / "untrained.pth"), build_gdino(model_cfg).model, model_cfg)
     before = run_action(compose(base + ["action=evaluate", f"evaluate.checkpoint={untrained}"],
                                 results_dir=str(tmp_path / "before")))
-    after = run_action(compose(base + ["train.num_epochs=12", "train.optim.warmup_steps=10"],
+    after = run_action(compose(base + ["train.num_epochs=14", "train.validation_interval=14",
+                                       "train.optim.warmup_steps=10"],
                                results_dir=str(tmp_path / "train")))
     print(before, {k: v for k, v in after.items() if k.startswith("val_")})
     assert after["val_gIoU"] >= before["gIoU"] + 0.15, (before, after)
