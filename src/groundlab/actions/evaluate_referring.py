@@ -62,12 +62,14 @@ def evaluate_expressions(cfg: DictConfig, source: AnnotatedSource, predictor, ba
                            sample_id=image_id)
             rles = encode_masks(result["masks"].cpu().numpy()) if len(result["scores"]) else []
             rows.append({"image_id": image_id, "file_name": name, "expression": prompt.text,
-                         "no_target": bool(result["no_target"]), "iou": float(metrics.per_sample_iou()[-1]),
+                         "no_target": bool(result["no_target"]),
                          "detections": [
                              {"bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": s, "label": label,
                               "segmentation": rle}
                              for b, s, label, rle in zip(result["boxes"].tolist(), result["scores"].tolist(),
                                                          result["labels"], rles)]})
+    for row, iou in zip(rows, metrics.per_sample_iou()):  # one sample per expression, in order
+        row["iou"] = float(iou)
     values = metrics.compute()
     values["images_skipped"] = len(skipped)
     out_dir = os.path.join(cfg.results_dir, "evaluate")

@@ -164,6 +164,8 @@ class GDinoPredictor:
         with torch.autocast(self.device.type, enabled=False):
             for b, prompt in enumerate(prompts):
                 if prompt.text not in self._expressions:
+                    if len(self._expressions) >= self.texts.capacity:  # bounded, as the text cache is
+                        self._expressions.clear()
                     self._expressions[prompt.text] = expression_from_tokenizer(self.tokenizer, prompt.text,
                                                                                self.backend.max_text_len)
                 one = {k: raw[k][b].float() for k in ("pred_logits", "pred_boxes", "no_targets", "union_mask_logits")}
