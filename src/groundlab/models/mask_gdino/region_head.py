@@ -4,7 +4,7 @@ Facts from ReLA (Liu et al., "GRES: Generalized Referring Expression Segmentatio
 R learnable region queries (feature + position embedding) run a masked-attention decoder over three memory levels,
 coarsest first (strides 32, 16, 8 here: the encoder memory of levels 2, 1, 0); each layer is a cross-attention to
 one level whose keys are limited to where the region's previous mask is on (a region whose mask is empty everywhere
-attends everywhere), a self-attention among the regions, and a feed-forward block, post-norm. After each layer:
+attends everywhere), a self-attention among the regions, and a feed-forward block, post-norm. Outputs (region masks after every layer, the rest after the last):
   region masks    = MLP(region) . pixel features        (B, R, H8, W8)   the next layer's attention mask
   minimap         = Linear(region) -> 2                  (B, R, 2)        [background, foreground] per region
   union mask      = sum_r minimap[r] x mask embedding[r] . pixel features (B, 2, H8, W8)
@@ -12,7 +12,8 @@ attends everywhere), a self-attention among the regions, and a feed-forward bloc
 The minimap ties region r to cell r of a sqrt(R) x sqrt(R) grid over the image (ReLA: 100 regions, 10 x 10), so R
 must be a perfect square. The pixel features are the mask branch's fused stride-8 map (hidden_dim channels,
 MaskPixelDecoder.fuse), so the region head adds no second pixel decoder. Only the last layer's outputs are returned
-(ReLA supervises only the last one as well).
+(ReLA supervises only the last one as well), so earlier layers compute only the region masks their successors
+attend by.
 
 Differences to ReLA, on purpose. ReLA's image features come from a backbone that fused the language at every stage;
 Grounding DINO's encoder memory carries far less of it, and with ReLA's single language attention in the first layer
@@ -121,9 +122,13 @@ class RegionQueryHead(nn.Module):
         nn.init.zeros_(self.nt_evidence.weight)
         nn.init.zeros_(self.nt_evidence.bias)
 
+    def region_masks(self, x: torch.Tensor, pixel: torch.Tensor) -> torch.Tensor:
+        """(B, R, H8, W8) mask logits of (B, R, d) region features: what the next layer's attention is limited to."""
+        return torch.einsum("brc,bchw->brhw", self.mask_embed(self.norm(x)), pixel)
+
     def heads(self, x: torch.Tensor, pixel: torch.Tensor, evidence: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Prediction heads on (B, R, d) region features and the (B, EVIDENCE_QUERIES) detector evidence (module
-        docstring for the outputs)."""
+        """Prediction heads on the last layer's (B, R, d) region features and the (B, EVIDENCE_QUERIES) detector
+        evidence (module docstring for the outputs)."""
         region = self.norm(x)
         embed = self.mask_embed(region)  # (B, R, d)
         region_masks = torch.einsum("brc,bchw->brhw", embed, pixel)
@@ -163,15 +168,15 @@ class RegionQueryHead(nn.Module):
         # detached: the no-target loss must not bend the detector's calibrated scores; -inf (padding) -> 0
         best = object_logits.detach().float().amax(-1).topk(min(EVIDENCE_QUERIES, object_logits.shape[1]), -1).values
         evidence = F.pad(best.sigmoid(), (0, EVIDENCE_QUERIES - best.shape[1])).to(x.dtype)
-        out = self.heads(x, pixel, evidence)
+        masks = self.region_masks(x, pixel)
         text_padding = (~text_token_mask).to(text.dtype) * torch.finfo(text.dtype).min
         object_padding = (~object_mask).to(objects.dtype) * torch.finfo(objects.dtype).min
         for i, layer in enumerate(self.layers):
             k = i % REGION_LEVELS
-            x = layer.attend(x, query_pos, memory[k], memory_pos[k],
-                             self._attn_mask(out["region_masks"], padding[k], sizes[k]))
+            x = layer.attend(x, query_pos, memory[k], memory_pos[k], self._attn_mask(masks, padding[k], sizes[k]))
             x = layer.lang(x, query_pos, text, text_padding)
             x = layer.objects(x, query_pos, objects, object_padding)
             x = layer.finish(x, query_pos)
-            out = self.heads(x, pixel, evidence)
-        return out
+            if i + 1 < len(self.layers):  # the heads run once, on the last layer: only its outputs are used
+                masks = self.region_masks(x, pixel)
+        return self.heads(x, pixel, evidence)
