@@ -14,6 +14,7 @@ from groundlab.config import ConfigError, check_config
 from groundlab.config.checks import RULES
 
 MAL = ["model=mal", "dataset=mal_synthetic"]
+AUTOLABEL = ["model=mask_gdino", "action=autolabel"]
 
 # (context overrides, the bad override, a fragment of the message)
 CASES = [
@@ -132,6 +133,9 @@ CASES = [
      "gen_trt_engine.tensorrt.min_batch_size=0 must be >= 1."),
     ([], "gen_trt_engine.tensorrt.opt_batch_size=0", "gen_trt_engine.tensorrt.opt_batch_size=0 must be >= 1."),
     ([], "gen_trt_engine.tensorrt.max_batch_size=0", "gen_trt_engine.tensorrt.max_batch_size=0 must be >= 1."),
+    (AUTOLABEL, "autolabel.box_source=yolo", "autolabel.box_source='yolo' must be one of coco, gdino."),
+    (AUTOLABEL, "autolabel.box_threshold=1.5", "autolabel.box_threshold=1.5 must be in [0.0, 1.0]."),
+    (AUTOLABEL, "autolabel.missing_masks=skip", "autolabel.missing_masks='skip' must be one of box, drop_image."),
     ([], "action.split=tarin", "action.split='tarin' must be one of train, val, test."),
     ([], "action.num_images=-1", "action.num_images=-1 must be >= 0."),
     ([], "action.outline_width=0", "action.outline_width=0 must be >= 1."),

@@ -25,7 +25,8 @@ ALLOWED: Dict[str, Set[str]] = {
     "predict": LEAVES | {"data", "models"},
     "deploy": LEAVES | {"data", "models", "predict"},
     "engine": LEAVES | {"data", "models", "eval", "predict"},
-    "actions": LEAVES | {"data", "models", "eval", "predict", "deploy", "engine", "run_record"},
+    # recipes: a multi-step action (autolabel) runs other (model, action) pairs through the one table
+    "actions": LEAVES | {"data", "models", "eval", "predict", "deploy", "engine", "run_record", "recipes"},
     "run_record": LEAVES,
     "sweep_report": LEAVES,
     "recipes": LEAVES,

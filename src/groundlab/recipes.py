@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from groundlab.config import ConfigError
 
 MODELS = ("gdino", "mask_gdino", "mal")
-ACTIONS = ("train", "evaluate", "inference", "visualize", "export", "quantize", "gen_trt_engine")
+ACTIONS = ("train", "evaluate", "inference", "visualize", "export", "quantize", "gen_trt_engine", "autolabel")
 
 RECIPES: Dict[Tuple[str, str], str] = {
     ("gdino", "train"): "groundlab.actions.train:train_gdino",
@@ -35,6 +35,8 @@ RECIPES: Dict[Tuple[str, str], str] = {
     # post-training quantization to an int8 Q/DQ graph, evaluated against the float one
     ("gdino", "quantize"): "groundlab.actions.quantize:run",
     ("mask_gdino", "quantize"): "groundlab.actions.quantize:run",
+    # boxes (or a class list) -> MAL pseudo-masks -> Mask Grounding DINO trained on them -> segm mAP
+    ("mask_gdino", "autolabel"): "groundlab.actions.autolabel:run",
     ("mal", "train"): "groundlab.actions.train:train_mal",
     ("mal", "evaluate"): "groundlab.actions.mal_evaluate:run",
     ("mal", "inference"): "groundlab.actions.mal_inference:run",
@@ -49,6 +51,7 @@ ACTION_HELP = {
     "export": "ONNX export (TAO names, dynamic batch), checked in onnxruntime against PyTorch",
     "quantize": "INT8 post-training quantization (ONNX Runtime, ModelOpt): a Q/DQ graph, its mAP vs float",
     "gen_trt_engine": "TensorRT engine from an ONNX file, FP32/FP16/FP8/INT8 (action=trt is the same)",
+    "autolabel": "boxes or a class list -> MAL masks -> Mask Grounding DINO trained on them; resumable steps",
 }
 
 

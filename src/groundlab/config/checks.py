@@ -10,6 +10,7 @@ from typing import Any, Callable, List, Sequence, Tuple
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from groundlab.config.aliases import resolve_aliases
+from groundlab.config.schema_autolabel import BOX_SOURCES, MISSING_MASKS
 from groundlab.config.schema_dataset import DATASET_TYPES, MAL_DATASET_TYPES, SOURCE_DATA_TYPES, SYNTHETIC_TYPES
 from groundlab.config.schema_model import MODEL_NAMES
 from groundlab.config.schema_trt import DATA_TYPES
@@ -169,6 +170,10 @@ RULES: List[Tuple[str, Rule]] = [
     ("export.input_width", at_least(32)),
     ("export.batch_size", Rule(lambda v: v == -1 or v >= 1, "-1 (dynamic) or >= 1")),
     ("export.opset_version", at_least(16)),  # GridSample (the deformable attention) is opset 16
+    # action=autolabel
+    ("autolabel.box_source", one_of(*BOX_SOURCES)),
+    ("autolabel.box_threshold", PROBABILITY),
+    ("autolabel.missing_masks", one_of(*MISSING_MASKS)),
     # action=visualize
     ("action.split", one_of("train", "val", "test")),
     ("action.num_images", at_least(0)),

@@ -13,6 +13,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from groundlab.config import schema_action as act
+from groundlab.config import schema_autolabel as alb
 from groundlab.config import schema_dataset as ds
 from groundlab.config import schema_model as mdl
 from groundlab.config import schema_quantize as qnt
@@ -32,6 +33,7 @@ class RootConfig:
     quantize: Any = None  # post-training quantization (gdino, mask_gdino); absent for mal
     gen_trt_engine: Any = None  # TensorRT engine building (gdino, mask_gdino); absent for mal
     export: Any = None  # models with an export (conf/export/<model>.yaml); None for the others
+    autolabel: Any = None  # action=autolabel's settings (conf/action/autolabel.yaml); None for the other actions
     seed: int = 42
     run_name: str = "default"  # the run dir is outputs/<model>/<action>/<run_name>: a rerun resumes there
     results_dir: str = "outputs"
@@ -57,6 +59,7 @@ SCHEMAS = [
     ("quantize", "schema_quantize", qnt.QuantizeConfig),
     ("gen_trt_engine", "schema_gen_trt_engine", trt.GenTrtEngineConfig),
     ("export", "schema_gdino", act.GDinoExportConfig),
+    ("autolabel", "schema_autolabel", alb.AutolabelConfig),
 ]
 
 
