@@ -134,7 +134,7 @@ CASES = [
     ([], "gen_trt_engine.tensorrt.opt_batch_size=0", "gen_trt_engine.tensorrt.opt_batch_size=0 must be >= 1."),
     ([], "gen_trt_engine.tensorrt.max_batch_size=0", "gen_trt_engine.tensorrt.max_batch_size=0 must be >= 1."),
     (AUTOLABEL, "autolabel.box_source=yolo", "autolabel.box_source='yolo' must be one of coco, gdino."),
-    (AUTOLABEL, "autolabel.box_threshold=1.5", "autolabel.box_threshold=1.5 must be in [0.0, 1.0]."),
+    (AUTOLABEL, "autolabel.box_threshold=1.5", "autolabel.box_threshold=1.5 must be in [0, 1]."),
     (AUTOLABEL, "autolabel.missing_masks=skip", "autolabel.missing_masks='skip' must be one of box, drop_image."),
     ([], "action.split=tarin", "action.split='tarin' must be one of train, val, test."),
     ([], "action.num_images=-1", "action.num_images=-1 must be >= 0."),
