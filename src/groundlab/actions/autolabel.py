@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -67,6 +67,21 @@ def _box_counts(path: str) -> Dict[str, float]:
     return {"images": float(len(data.get("images", []))), "boxes": float(len(data.get("annotations", [])))}
 
 
+def detect_boxes(step: DictConfig, folder: str, threshold: float) -> Tuple[str, Dict[str, float]]:
+    """Grounding DINO inference (`step`, results in `folder`) turned into `folder`/boxes.json, a COCO box json of
+    the detections >= threshold; returns its path and counts (images, boxes, images_skipped: undecodable)."""
+    _run(step)
+    made = os.path.join(folder, "inference")
+    index = _read(os.path.join(made, "images.json"))
+    coco = detections_to_coco(_read(os.path.join(made, "results.json")), index["images"], index["categories"],
+                              threshold)
+    path = _write(os.path.join(folder, "boxes.json"), coco)
+    metrics = _box_counts(path)
+    metrics["images_skipped"] = float(len(index.get("skipped_images", [])))
+    log.info("boxes: %d detections >= %.2f on %d images", metrics["boxes"], threshold, metrics["images"])
+    return path, metrics
+
+
 def run(cfg: DictConfig) -> Dict[str, float]:
     al = cfg.autolabel
     inputs = pipeline_inputs(cfg)
@@ -87,16 +102,7 @@ def run(cfg: DictConfig) -> Dict[str, float]:
     def boxes(folder: str) -> Dict[str, Any]:
         if al.box_source == "coco":
             return {"outputs": {"boxes_json": inputs["box_json"]}, "metrics": _box_counts(inputs["box_json"])}
-        step = planned["boxes"]
-        _run(step)
-        made = os.path.join(folder, "inference")
-        index = _read(os.path.join(made, "images.json"))
-        coco = detections_to_coco(_read(os.path.join(made, "results.json")), index["images"], index["categories"],
-                                  al.box_threshold)
-        path = _write(os.path.join(folder, "boxes.json"), coco)
-        metrics = _box_counts(path)
-        metrics["images_skipped"] = float(len(index.get("skipped_images", [])))
-        log.info("boxes: %d detections >= %.2f on %d images", metrics["boxes"], al.box_threshold, metrics["images"])
+        path, metrics = detect_boxes(planned["boxes"], folder, al.box_threshold)
         return {"outputs": {"boxes_json": path}, "metrics": metrics}
 
     box_rec = pipe.step("boxes", {"box_source": al.box_source, "box_json": inputs["box_json"],

@@ -49,15 +49,18 @@ def pipeline_inputs(cfg: DictConfig) -> Dict[str, Any]:
     "val": {"image_dir", "json_file"} or None, "train_mask_json" or None}."""
     al, d = cfg.autolabel, cfg.dataset
     out: Dict[str, Any] = {"box_json": None, "class_names": None, "train_mask_json": al.train_mask_json}
-    if d.type == "synthetic":
+    if al.box_source == "gdino":
+        if al.train_mask_json:
+            raise ConfigError("autolabel.train_mask_json scores pseudo-masks by annotation id, so it applies to "
+                              "autolabel.box_source=coco only (detected boxes have ids of their own).")
+        out.update(_gdino_inputs(cfg))
+    elif d.type == "synthetic":
         p = synthetic_paths(d, cfg.cache_dir)
         out.update(image_dir=p.train_images, box_json=p.train_coco_boxes)
         out["train_mask_json"] = out["train_mask_json"] or p.train_coco
-    elif al.box_source == "coco":
+    else:
         src = _one_train_source(cfg)
         out.update(image_dir=src["image_dir"], box_json=src["json_file"])
-    if al.box_source == "gdino":
-        out.update(_gdino_inputs(cfg))
     val = resolve_sources(d, cfg.cache_dir)["val"]
     if val is not None and val.get("data_type", "OD") != "OD":
         raise ConfigError("action=autolabel evaluates instance masks: dataset.val_data_sources.data_type must be OD.")

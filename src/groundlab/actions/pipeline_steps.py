@@ -7,7 +7,7 @@ pipeline.json: {"steps": {name: {"status": "complete", "inputs", "outputs" (name
 A step is skipped when its record is complete, its outputs all exist and its inputs are the same as the record's.
 Inputs include the `finished` time of the steps it reads from, so a step that ran again makes every step after
 it run again. A complete step whose inputs changed runs again in a fresh folder: the old one is kept, renamed
-with its finish time (`mal_train.1764321234`), nothing lost. A step that was stopped midway (no complete record)
+with its finish time (`mal_train.20261128-101500`), nothing lost. A step that was stopped midway (no complete record)
 runs again in its own folder, where a training step resumes from its latest checkpoint.
 """
 
@@ -83,7 +83,10 @@ class Pipeline:
         folder = self.folder(name)
         old = self.steps.get(name)
         if old and old.get("status") == "complete" and os.path.isdir(folder):
-            kept = f"{folder}.{int(old['finished'])}"
+            kept = stamp = f"{folder}.{time.strftime('%Y%m%d-%H%M%S', time.localtime(old['finished']))}"
+            n = 1
+            while os.path.exists(kept):
+                kept, n = f"{stamp}-{n}", n + 1
             os.replace(folder, kept)
             log.info("step %s: %s: runs again; its previous folder is kept as %s", name, why, kept)
         else:
