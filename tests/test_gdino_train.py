@@ -141,6 +141,22 @@ def test_validation_images_missing_fail_before_training(compose, tmp_path):
     assert time.perf_counter() - started < 60
 
 
+def test_trains_without_a_validation_source(compose, tmp_path, caplog):
+    """No dataset.val_data_sources (a team without a labelled val split, the auto-label pipeline without true
+    masks): training says so, runs and checkpoints; no val metrics."""
+    from groundlab.data.sources import synthetic_paths
+
+    p = synthetic_paths(compose(TRAIN).dataset, compose(TRAIN).cache_dir)
+    cfg = compose(TRAIN + ["dataset.type=coco", "train.num_epochs=1",
+                           f"dataset.train_data_sources=[{{image_dir: {p.train_images}, json_file: {p.train_coco}}}]"],
+                  results_dir=str(tmp_path))
+    caplog.set_level("INFO", logger="groundlab")
+    metrics = run_action(cfg)
+    assert "training without validation" in caplog.text
+    assert metrics["global_step"] > 0 and not [k for k in metrics if k.startswith("val_")]
+    assert (tmp_path / "gdino_model_latest.pth").exists()
+
+
 def test_evaluate_reports_original_category_ids(compose, tmp_path):
     from groundlab.data.sources import synthetic_paths
     from groundlab.models.gdino.build import build_gdino, save_gdino

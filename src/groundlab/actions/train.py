@@ -20,7 +20,7 @@ def train_gdino(cfg: DictConfig) -> Dict[str, float]:
 
     seed_run(cfg.seed)
     datamodule = GroundingDataModule(cfg).prepare()
-    return fit(cfg, GDinoLightning(cfg, datamodule), datamodule)
+    return fit(cfg, GDinoLightning(cfg, datamodule), datamodule, has_validation=datamodule.val_set is not None)
 
 
 def train_mal(cfg: DictConfig) -> Dict[str, float]:
