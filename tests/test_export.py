@@ -417,17 +417,21 @@ SIZE = ["dataset.augmentation.fixed_input_size=[128,160]"]  # both evaluations r
 @pytest.mark.parametrize("experiment", ["quickstart", "mgd_quickstart"])
 def test_an_exported_model_evaluates_to_its_checkpoints_map(compose, tmp_path, experiment):
     """train -> evaluate the checkpoint at 128x160 -> export at 128x160 -> evaluate.onnx_file: the same mAP (bbox,
-    and segm for Mask Grounding DINO) within 0.005; inference with the ONNX file writes the same kind of outputs."""
+    and segm for Mask Grounding DINO) within 0.005; inference with the ONNX file writes the same kind of outputs.
+    The run dirs are laid out as hydra.run.dir's, so evaluate and export take the train run's checkpoint without
+    being told (engine/run_dirs.py)."""
     base = [f"experiment={experiment}", *QUICK]
     model = "mask_gdino" if experiment == "mgd_quickstart" else "gdino"
-    run_action(compose(base, results_dir=str(tmp_path / "train")))
-    ckpt = tmp_path / "train" / f"{model}_model_latest.pth"
-    torch_map = run_action(compose(base + SIZE + ["action=evaluate", f"evaluate.checkpoint={ckpt}"],
-                                   results_dir=str(tmp_path / "ev_torch")))
-    export = run_action(compose(base + ["action=export", f"export.checkpoint={ckpt}", "export.input_height=128",
-                                        "export.input_width=160"], results_dir=str(tmp_path / "export")))
+    runs = tmp_path / model  # <model>/<action>/<run_name>: the experiment's run_name is its own name
+    run_action(compose(base, results_dir=str(runs / "train" / experiment)))
+    ckpt = runs / "train" / experiment / f"{model}_model_latest.pth"
+    ev_torch = runs / "evaluate" / experiment
+    torch_map = run_action(compose(base + SIZE + ["action=evaluate"], results_dir=str(ev_torch)))
+    assert json.loads((ev_torch / "evaluate" / "results.json").read_text())["checkpoint"] == str(ckpt)
+    export = run_action(compose(base + ["action=export", "export.input_height=128", "export.input_width=160"],
+                                results_dir=str(runs / "export" / experiment)))
     assert all(v < 1e-3 for v in export.values()), export
-    onnx_file = tmp_path / "export" / f"{model}.onnx"
+    onnx_file = runs / "export" / experiment / f"{model}.onnx"
     ort_map = run_action(compose(base + ["action=evaluate", f"evaluate.onnx_file={onnx_file}"],
                                  results_dir=str(tmp_path / "ev_onnx")))
     keys = ["mAP", "mAP50"] + (["segm_mAP", "segm_mAP50"] if model == "mask_gdino" else [])
@@ -440,8 +444,8 @@ def test_an_exported_model_evaluates_to_its_checkpoints_map(compose, tmp_path, e
     # the detections themselves: as many per image, and the same scores on (nearly) every image; proposals tied
     # within float noise may rank differently on an image, which shifts its scores a little (onnx_verify.py)
     by_image = [{}, {}]
-    for side, run in zip(by_image, ("ev_torch", "ev_onnx")):
-        for d in json.loads((tmp_path / run / "evaluate" / "detections.json").read_text()):
+    for side, run in zip(by_image, (ev_torch, tmp_path / "ev_onnx")):
+        for d in json.loads((run / "evaluate" / "detections.json").read_text()):
             side.setdefault(d["image_id"], []).append(d["score"])
     assert by_image[0].keys() == by_image[1].keys() and len(by_image[0]) == 32
     assert all(len(s) == len(by_image[1][i]) for i, s in by_image[0].items())
@@ -479,8 +483,9 @@ def _quantizes(compose, base, onnx_file, ckpt, float_map, tmp_path):
 
 def test_quantize_settings_fail_in_one_sentence(compose, tmp_path):
     base = ["experiment=quickstart", *TINY_GDINO, "action=quantize"]
-    with pytest.raises(ConfigError, match="quantize.model_path is required"):
-        run_action(compose(base, results_dir=str(tmp_path / "a")))
+    # no model_path and no train run to follow (tests/test_chained_runs.py has the sentence)
+    with pytest.raises(ConfigError, match="quantize.model_path is not given and .*gdino/train/quickstart"):
+        run_action(compose(base, results_dir=str(tmp_path / "gdino" / "quantize" / "quickstart")))
     with pytest.raises(ConfigError, match="makes int8 graphs only"):
         run_action(compose(base + [f"quantize.model_path={tmp_path / 'm.onnx'}",
                                    "quantize.layers=[{module_name: '*', weights: {dtype: fp8_e4m3fn}, "

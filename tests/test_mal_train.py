@@ -131,8 +131,13 @@ def test_inference_writes_masks_on_every_box_and_lists_the_rest(compose, trained
 
 
 def test_inference_needs_a_checkpoint_and_an_output(compose, tmp_path):
-    with pytest.raises(ConfigError, match="inference.checkpoint"):
-        run_action(compose(TINY_MAL + ["action=inference"], results_dir=str(tmp_path)))
+    # no checkpoint given and no train run to follow (tests/test_chained_runs.py has the sentence)
+    with pytest.raises(ConfigError, match="inference.checkpoint is not given"):
+        run_action(compose(TINY_MAL + ["action=inference"],
+                           results_dir=str(tmp_path / "mal" / "inference" / "mal_quickstart")))
+    with pytest.raises(ConfigError, match="inference.label_dump_path is required"):
+        run_action(compose(TINY_MAL + ["action=inference", "inference.label_dump_path=''"],
+                           results_dir=str(tmp_path / "mal" / "inference" / "mal_quickstart")))
 
 
 @pytest.mark.slow

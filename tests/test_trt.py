@@ -86,10 +86,12 @@ def test_mal_has_no_engine():
 
 
 def test_run_py_names_the_missing_onnx_file(tmp_path):
-    proc = run_py("action=trt", f"hydra.run.dir={tmp_path}")
+    # not given: the export run's graph (same model and run_name), which is not there
+    proc = run_py("action=trt", f"hydra.run.dir={tmp_path}/gdino/gen_trt_engine/default")
     assert proc.returncode == 2 and proc.stderr.strip().endswith(
-        "gen_trt_engine.onnx_file is required (the ONNX file of action=export, or the Q/DQ ONNX of action=quantize "
-        "for INT8/FP8).")
+        f"gen_trt_engine.onnx_file is not given and {tmp_path}/gdino/export/default, the action=export run this "
+        f"action follows (same model=gdino and run_name=default), does not exist: run action=export first, or set "
+        f"gen_trt_engine.onnx_file=<file>.")
     proc = run_py("action=trt", f"gen_trt_engine.onnx_file={tmp_path}/none.onnx", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 2 and f"gen_trt_engine.onnx_file={tmp_path}/none.onnx does not exist." in proc.stderr
 

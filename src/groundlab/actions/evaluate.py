@@ -18,7 +18,9 @@ An image that cannot be decoded is skipped, named in the log and listed in resul
 it still counts in the COCO evaluation, as an image without detections (its ground truth boxes are missed), so
 a skipped image lowers recall rather than vanishing from the score.
 
-A referring-expression source (data_type VG) is scored by actions/evaluate_referring.py instead."""
+With none of evaluate.checkpoint / onnx_file / trt_engine given, the latest checkpoint of the train run with the
+same model and run_name is evaluated (engine/run_dirs.py). A referring-expression source (data_type VG) is scored
+by actions/evaluate_referring.py instead."""
 
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from groundlab.data.collate import GroundingCollator
 from groundlab.data.grounding_dataset import GroundingDataset
 from groundlab.data.sources import load_split
 from groundlab.engine.devices import run_device
+from groundlab.engine.run_dirs import chained_settings
 from groundlab.actions.evaluate_referring import evaluate_expressions
 from groundlab.eval.coco_eval import CocoEvaluator, write_results_json
 from groundlab.ops.masks import encode_masks
@@ -46,7 +49,7 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> Dict[str, float]:
-    ev = cfg.evaluate
+    ev = chained_settings(cfg, "evaluate")  # no model file given: the train run's latest checkpoint
     backend, model_file = choose_backend(ev, "evaluate")  # the settings are checked before the data loads
     split = "test" if cfg.dataset.test_data_sources.json_file and cfg.dataset.type != "synthetic" else "val"
     # The data is checked before the checkpoint loads. GT masks are not read here, even for a mask model: the

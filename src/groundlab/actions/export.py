@@ -10,15 +10,16 @@ graph with TAO's input and output names (predict/graph_contract.py), then checke
    1e-3 (relative for outputs beyond 1 in magnitude, e.g. mask logits) the export fails. Where near-tied proposal
    scores rank differently, PyTorch runs again with ONNX Runtime's query selection (deploy/onnx_verify.py).
 
-Writes export.onnx_file (default <results_dir>/<model>.onnx) and, with export.split_text_encoder, <name>.text.onnx and
-<name>.image.onnx next to it. Each graph carries the model facts evaluate / inference need (num_select, class
-names, text encoder, input size) in its metadata, so `evaluate.onnx_file=<name>.onnx` needs nothing else.
+export.checkpoint defaults to the latest checkpoint of the train run with the same model and run_name
+(engine/run_dirs.py). Writes export.onnx_file (default <results_dir>/<model>.onnx, where action=gen_trt_engine
+looks by default) and, with export.split_text_encoder, <name>.text.onnx and <name>.image.onnx next to it. Each
+graph carries the model facts evaluate / inference need (num_select, class names, text encoder, input size) in
+its metadata, so `evaluate.onnx_file=<name>.onnx` needs nothing else.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from typing import Dict, Optional, Tuple
 
 import numpy as np
@@ -32,6 +33,7 @@ from groundlab.data.synthetic import SyntheticSpec, render_scene
 from groundlab.data.transforms import Compose, FixedResize, Normalize
 from groundlab.deploy.onnx_export import check_simplifier, export_gdino, graph_info
 from groundlab.deploy.onnx_verify import check_graph
+from groundlab.engine.run_dirs import chained_file, exported_onnx
 from groundlab.models.gdino.build import BuiltModel, build_gdino
 from groundlab.predict.graph_contract import graph_tokens
 from groundlab.text.captions import chunk_class_prompts, class_prompt
@@ -73,10 +75,9 @@ def _check_model(cfg: DictConfig, built: BuiltModel, checkpoint: str) -> None:
 
 def run(cfg: DictConfig) -> Dict[str, float]:
     ex = cfg.export
-    if not ex.checkpoint:
-        raise ConfigError("export.checkpoint is required: the groundlab .pth, HF directory or IDEA .pth to export.")
-    onnx_file = ex.onnx_file or os.path.join(cfg.results_dir, f"{cfg.model.name}.onnx")
-    return export_checkpoint(cfg, str(ex.checkpoint), onnx_file, split_text_encoder=bool(ex.split_text_encoder))
+    checkpoint = chained_file(cfg, "export.checkpoint", ex.checkpoint)  # not given: the train run's latest checkpoint
+    onnx_file = ex.onnx_file or exported_onnx(cfg.results_dir, cfg.model.name)
+    return export_checkpoint(cfg, checkpoint, onnx_file, split_text_encoder=bool(ex.split_text_encoder))
 
 
 def export_checkpoint(cfg: DictConfig, checkpoint: str, onnx_file: str, model: Optional[torch.nn.Module] = None,

@@ -1,5 +1,6 @@
 """action=inference for Grounding DINO and Mask Grounding DINO (a checkpoint, inference.onnx_file or
-inference.trt_engine: predict/backends.py): images from folders or tar archives, one class list for all images
+inference.trt_engine: predict/backends.py; none given: the latest checkpoint of the train run with the same
+model and run_name, engine/run_dirs.py): images from folders or tar archives, one class list for all images
 (`raw`, chunked into several prompts when longer than max_text_len and merged back) or a caption per image
 (`coco_raw`, phrases decoded from token probabilities; images with different captions run as one batch).
 The predictor encodes each distinct prompt once and runs the backbone once per image.
@@ -41,6 +42,7 @@ from groundlab.data.sources import resolve_sources, synthetic_paths
 from groundlab.deploy.mask_overlay import draw_expression_banner, draw_masked_detections
 from groundlab.deploy.writers import CocoResultsWriter, draw_detections, write_kitti
 from groundlab.engine.devices import run_device
+from groundlab.engine.run_dirs import chained_settings
 from groundlab.predict.backends import choose_backend, open_predictor, predictor_transforms
 
 log = logging.getLogger(__name__)
@@ -94,7 +96,7 @@ def _safe_relative(name: str) -> str:
 
 
 def run(cfg: DictConfig) -> Dict[str, float]:
-    inf = cfg.inference
+    inf = chained_settings(cfg, "inference")  # no model file given: the train run's latest checkpoint
     choose_backend(inf, "inference")  # the settings are checked before anything loads
     predictor = open_predictor(cfg.model, inf, "inference", run_device(inf.num_gpus, inf.gpu_ids))
     sources, items, class_names = inference_inputs(cfg)

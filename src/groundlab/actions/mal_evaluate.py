@@ -4,7 +4,8 @@ margins, its mask predicted (student, teacher or both, optionally with flip test
 image and scored against the true mask. Writes <results_dir>/evaluate/results.json: mIoU, mIoU
 small/medium/large, per-class mIoU by name and by category id. The boxes of an image that cannot be decoded
 are left out of the score, the image named in the log and listed in results.json ("skipped_images", and its
-boxes under "skipped_boxes" with the reason)."""
+boxes under "skipped_boxes" with the reason). Without evaluate.checkpoint, the latest checkpoint of the train
+run with the same model and run_name is evaluated (engine/run_dirs.py)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from groundlab.data.mal_sources import mal_paths, read_split
 from groundlab.data.mal_dataset import MALCropDataset, collate_crops
 from groundlab.eval.coco_eval import write_results_json
 from groundlab.engine.devices import run_device
+from groundlab.engine.run_dirs import chained_settings
 from groundlab.eval.mask_miou import MaskIoUMeter
 from groundlab.eval.mask_miou import score_batch
 from groundlab.predict.mal import MALPredictor
@@ -74,9 +76,7 @@ class UndecodableBoxes:
 
 
 def run(cfg: DictConfig) -> Dict[str, float]:
-    ev = cfg.evaluate
-    if not ev.checkpoint:
-        raise ConfigError("evaluate.checkpoint is required (a groundlab MAL checkpoint).")
+    ev = chained_settings(cfg, "evaluate")  # no checkpoint given: the train run's latest
     predictor = load_predictor(cfg, ev)
     paths = mal_paths(cfg)
     data, source = read_split(cfg, paths["val_ann"], paths["val_img"], "val", train=False)

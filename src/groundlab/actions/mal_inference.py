@@ -6,7 +6,9 @@ Writes inference.label_dump_path: the input json with an RLE `segmentation` on e
 not process (zero area, outside the image, image missing, image that cannot be decoded) keep their annotation
 untouched and are listed under `mal_skipped` in the json and in the log (an undecodable image: one line naming
 it, its boxes with the reason "image could not be decoded: ..."). With inference.load_mask the json's own masks
-score the predictions (mIoU, and `mal_iou` per annotation). Also writes annotated images (inference.draw_images)."""
+score the predictions (mIoU, and `mal_iou` per annotation). Also writes annotated images (inference.draw_images).
+Without inference.checkpoint, the latest checkpoint of the train run with the same model and run_name labels the
+boxes (engine/run_dirs.py)."""
 
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from groundlab.data.mal_sources import mal_paths
 from groundlab.data.mal_dataset import MALCropDataset, collate_crops
 from groundlab.data.mal_instances import read_mal_instances
 from groundlab.data.sources import open_images
+from groundlab.engine.run_dirs import chained_settings
 from groundlab.ops.masks import encode_mask
 from groundlab.deploy.mask_overlay import overlay_masks
 from groundlab.eval.mask_miou import MaskIoUMeter
@@ -51,10 +54,9 @@ def _inputs(cfg: DictConfig) -> tuple:
 
 def run(cfg: DictConfig) -> Dict[str, float]:
     inf = cfg.inference
-    if not inf.checkpoint:
-        raise ConfigError("inference.checkpoint is required (a groundlab MAL checkpoint).")
     if not inf.label_dump_path:
         raise ConfigError("inference.label_dump_path is required: where the json with masks goes.")
+    inf = chained_settings(cfg, "inference")  # no checkpoint given: the train run's latest
     predictor = load_predictor(cfg, inf)
     ann_path, img_dir = _inputs(cfg)
     source = open_images(img_dir, "inference.img_dir", cfg.cache_dir)

@@ -13,6 +13,10 @@ For the graph backends quantize.model_path is a checkpoint (exported first, at e
 export.input_width) or an .onnx file, and both calibrate on the same feeds (`graph_feeds`). Calibration images
 (dataset.quant_calibration_data_sources) go through the evaluation transforms at the graph's size with their
 source's class prompts, as evaluate runs them; `quantize.skip_names` (globs over node / module names) stay float.
+
+Without quantize.model_path, the latest checkpoint of the train run with the same model and run_name is quantized
+(engine/run_dirs.py); the Q/DQ graph (<results_dir>/quantize/<model>.<int8|fp8>.onnx) is where an INT8 / FP8
+action=gen_trt_engine looks by default.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from groundlab.data.collate import GroundingCollator
 from groundlab.data.grounding_dataset import GroundingDataset
 from groundlab.data.sources import load_split
 from groundlab.deploy.ort_quantize import quantize_onnx
+from groundlab.engine.run_dirs import chained_file, quantized_onnx
 from groundlab.ops.atomic_write import atomic_write_text
 from groundlab.predict.backends import open_predictor, predictor_transforms
 from groundlab.predict.gdino import GDinoPredictor
@@ -88,16 +93,15 @@ def _evaluate(cfg: DictConfig, onnx_file: str, name: str) -> Dict[str, float]:
 
 def run(cfg: DictConfig) -> Dict[str, float]:
     q = cfg.quantize
-    if not q.model_path:
-        raise ConfigError("quantize.model_path is required: a checkpoint (.pth, HF directory) or an exported .onnx.")
     if q.backend not in BACKENDS:
         raise ConfigError(f"quantize.backend={q.backend!r} is not one of {list(BACKENDS)}.")
+    model_path = chained_file(cfg, "quantize.model_path", q.model_path)  # not given: the train run's latest checkpoint
     out_dir = os.path.join(cfg.results_dir, "quantize")
     os.makedirs(out_dir, exist_ok=True)
-    is_onnx = str(q.model_path).endswith(".onnx")
+    is_onnx = model_path.endswith(".onnx")
     if q.backend == "modelopt.pytorch" and is_onnx:
         raise ConfigError(f"quantize.backend=modelopt.pytorch quantizes the PyTorch model: quantize.model_path="
-                          f"{q.model_path} is an ONNX file (use quantize.backend=modelopt.onnx or onnxruntime for "
+                          f"{model_path} is an ONNX file (use quantize.backend=modelopt.onnx or onnxruntime for "
                           f"it).")
     dtypes = {dtype for layer in q.layers for dtype in (layer.weights.dtype, layer.activations.dtype)}
     if q.backend == "onnxruntime" and dtypes != {"int8"}:
@@ -111,10 +115,10 @@ def run(cfg: DictConfig) -> Dict[str, float]:
                                        q.algorithm)
         mo_onnx.check_installed()
     dtype = "fp8" if dtypes == {"fp8_e4m3fn"} and q.backend != "onnxruntime" else "int8"
-    float_onnx = str(q.model_path) if is_onnx else os.path.join(out_dir, f"{cfg.model.name}.float.onnx")
-    quant_onnx = q.onnx_file or os.path.join(out_dir, f"{cfg.model.name}.{dtype}.onnx")
+    float_onnx = model_path if is_onnx else os.path.join(out_dir, f"{cfg.model.name}.float.onnx")
+    quant_onnx = q.onnx_file or quantized_onnx(cfg.results_dir, cfg.model.name, dtype)
     if not is_onnx:
-        export_checkpoint(cfg, str(q.model_path), float_onnx)
+        export_checkpoint(cfg, model_path, float_onnx)
     device = torch.device("cpu")
     float_predictor = open_predictor(cfg.model, OmegaConf.create(
         {"checkpoint": None, "onnx_file": float_onnx, "trt_engine": None, "backend": None}), "quantize", device)
@@ -125,7 +129,7 @@ def run(cfg: DictConfig) -> Dict[str, float]:
         summary = mo_onnx.quantize_graph(float_onnx, quant_onnx, graph_feeds(cfg, float_predictor), mo_settings,
                                          list(q.skip_names)).summary()
     else:
-        summary = _modelopt(cfg, float_predictor, quant_onnx)
+        summary = _modelopt(cfg, model_path, float_predictor, quant_onnx)
     precision = record_quantization(float_onnx, quant_onnx, q.backend)
     log.info("%s", summary)
     float_metrics = _evaluate(cfg, float_onnx, "float")
@@ -163,15 +167,15 @@ def record_quantization(float_onnx: str, quant_onnx: str, backend: str) -> str:
     return precision
 
 
-def _modelopt(cfg: DictConfig, float_predictor: GDinoPredictor, quant_onnx: str) -> str:
-    """ModelOpt PTQ of the checkpoint's PyTorch model, calibrated on the calibration batches (at the float graph's
-    size), exported as a Q/DQ graph. Returns the summary line."""
+def _modelopt(cfg: DictConfig, model_path: str, float_predictor: GDinoPredictor, quant_onnx: str) -> str:
+    """ModelOpt PTQ of checkpoint `model_path`'s PyTorch model, calibrated on the calibration batches (at the float
+    graph's size), exported as a Q/DQ graph. Returns the summary line."""
     from groundlab.deploy.modelopt_quantize import count_quantizers, modelopt_config, quantize_model
     from groundlab.predict.torch_backend import TorchBackend
 
     q = cfg.quantize
     torch_predictor = open_predictor(cfg.model, OmegaConf.create(
-        {"checkpoint": str(q.model_path), "onnx_file": None, "trt_engine": None, "backend": None}), "quantize",
+        {"checkpoint": model_path, "onnx_file": None, "trt_engine": None, "backend": None}), "quantize",
         torch.device("cpu"))
     model = torch_predictor.backend.model.eval()
     batches: List[Dict[str, torch.Tensor]] = list(calibration_batches(cfg, float_predictor))
@@ -186,5 +190,5 @@ def _modelopt(cfg: DictConfig, float_predictor: GDinoPredictor, quant_onnx: str)
                              weight_only=q.mode == "weight_only_ptq")
     quantize_model(model, config, forward_loop)
     # the fake-quantized model against PyTorch would only measure int8 rounding: the mAPs below do that
-    export_checkpoint(cfg, str(q.model_path), quant_onnx, model=model, verify=False)
+    export_checkpoint(cfg, model_path, quant_onnx, model=model, verify=False)
     return f"ModelOpt quantized {count_quantizers(model)} quantizers, {len(batches)} calibration batches: {quant_onnx}"

@@ -123,7 +123,8 @@ class MALTrainConfig:
 class GDinoEvaluateConfig:
     """Grounding DINO and Mask Grounding DINO (one schema: mask_threshold is read only where the checkpoint has a
     mask head; a box-only predictor ignores it). The network runs from one of checkpoint / onnx_file / trt_engine
-    (predict/backends.py): `backend` picks among several given, else the one given decides."""
+    (predict/backends.py): `backend` picks among several given, else the one given decides; none given: the latest
+    checkpoint of the train run with the same model and run_name (engine/run_dirs.py)."""
 
     checkpoint: Optional[str] = None
     onnx_file: Optional[str] = None  # an exported graph (action=export), run with ONNX Runtime
@@ -142,7 +143,7 @@ class GDinoEvaluateConfig:
 
 @dataclass
 class MALEvaluateConfig:
-    checkpoint: Optional[str] = None
+    checkpoint: Optional[str] = None  # None: the latest of the train run with the same model and run_name
     batch_size: int = 3
     num_gpus: int = 1
     gpu_ids: List[int] = field(default_factory=lambda: [0])
@@ -174,7 +175,7 @@ class GDinoInferenceConfig:
 class GDinoExportConfig:
     """TAO's `export` keys for Grounding DINO and Mask Grounding DINO (deploy/onnx_export.py, actions/export.py)."""
 
-    checkpoint: Optional[str] = None
+    checkpoint: Optional[str] = None  # None: the latest of the train run with the same model and run_name
     onnx_file: Optional[str] = None  # None: <results_dir>/<model>.onnx
     input_height: int = 544
     input_width: int = 960
@@ -187,7 +188,7 @@ class GDinoExportConfig:
 
 @dataclass
 class MALInferenceConfig:
-    checkpoint: Optional[str] = None
+    checkpoint: Optional[str] = None  # None: the latest of the train run with the same model and run_name
     ann_path: str = ""
     img_dir: str = ""
     label_dump_path: str = ""

@@ -27,6 +27,7 @@ class QuantLayer:
 @dataclass
 class QuantizeConfig:
     model_path: Optional[str] = None  # a groundlab / HF / IDEA / TAO checkpoint (exported first) or an .onnx file
+    #   None: the latest checkpoint of the train run with the same model and run_name
     # onnxruntime: ONNX Runtime's INT8 PTQ of the graph, uint8 activations (fastest on the CPU; TensorRT refuses it)
     # modelopt.onnx: ModelOpt's PTQ of the graph, symmetric int8 / fp8 Q/DQ placed for TensorRT: the graph a
     #   TensorRT user wants (gen_trt_engine.tensorrt.data_type=INT8 / FP8)

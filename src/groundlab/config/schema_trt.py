@@ -29,6 +29,7 @@ class TensorRTBuildConfig:
 @dataclass
 class GenTrtEngineConfig:
     onnx_file: Optional[str] = None  # action=export's ONNX (or action=quantize's Q/DQ ONNX)
+    #   None: that of the export run (INT8 / FP8: the quantize run) with the same model and run_name
     trt_engine: Optional[str] = None  # engine path; None: <results_dir>/<onnx name>.<data type>.engine
     timing_cache_file: Optional[str] = None  # read when it exists, written after the build: rebuilds are faster
     verbose: bool = False  # TensorRT's builder log at VERBOSE (each layer, each tactic) instead of WARNING

@@ -1,37 +1,18 @@
 """Checkpoint files of a training run: `model_epoch_{epoch:03d}_step_{step:05d}.pth` every
 `checkpoint_interval` epochs (or steps), and `<model>_model_latest.pth` always pointing at the newest.
 Each is written to a temporary file and renamed into place, so a crash never leaves a truncated file;
-`latest` is a hard link (no second copy on disk) where the filesystem allows it."""
+`latest` is a hard link (no second copy on disk) where the filesystem allows it. Where they are found again
+(resume, and the actions that follow a training run): run_dirs.py."""
 
 from __future__ import annotations
 
-import glob
 import os
-import re
 import shutil
-from typing import Optional
 
 import lightning as L
 from lightning.pytorch.callbacks import Checkpoint
 
-CHECKPOINT_PATTERN = re.compile(r"^model_epoch_(\d{3,})_step_(\d{5,})\.pth$")
-
-
-def latest_path(run_dir: str, model_name: str) -> str:
-    return os.path.join(run_dir, f"{model_name}_model_latest.pth")
-
-
-def find_resume_checkpoint(run_dir: str, model_name: str) -> Optional[str]:
-    """The run dir's latest checkpoint (the `latest` file, else the highest step), or None."""
-    latest = latest_path(run_dir, model_name)
-    if os.path.isfile(latest):
-        return latest
-    found = []
-    for path in glob.glob(os.path.join(run_dir, "model_epoch_*_step_*.pth")):
-        m = CHECKPOINT_PATTERN.match(os.path.basename(path))
-        if m:
-            found.append((int(m.group(2)), path))
-    return max(found)[1] if found else None
+from groundlab.engine.run_dirs import latest_path
 
 
 class GroundlabCheckpoint(Checkpoint):

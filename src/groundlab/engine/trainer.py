@@ -13,11 +13,12 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 
-from groundlab.engine.checkpoint_files import GroundlabCheckpoint, find_resume_checkpoint
+from groundlab.engine.checkpoint_files import GroundlabCheckpoint
 from groundlab.engine.data_base import ResumableDataModule
 from groundlab.engine.devices import trainer_devices, trainer_precision
 from groundlab.engine.module_base import GroundlabModule
 from groundlab.engine.resume_state import ResumeState
+from groundlab.engine.run_dirs import find_resume_checkpoint
 
 log = logging.getLogger(__name__)
 
