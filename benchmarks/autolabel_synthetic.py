@@ -39,7 +39,7 @@ def main() -> None:
     from groundlab.config.compose import compose_config
     from groundlab.console import quiet_libraries
     from groundlab.data.sources import synthetic_paths
-    from groundlab.engine.checkpoint_files import latest_path
+    from groundlab.engine.run_dirs import latest_path
     from groundlab.runner import run_action
 
     quiet_libraries()

@@ -30,7 +30,7 @@ from groundlab.actions.autolabel_configs import (gdino_boxes_config, mal_config,
 from groundlab.actions.pipeline_steps import Pipeline
 from groundlab.config import check_config
 from groundlab.data.pseudo_labels import detections_to_coco, fill_missing_masks
-from groundlab.engine.checkpoint_files import latest_path
+from groundlab.engine.run_dirs import latest_path
 from groundlab.eval.pseudo_mask_iou import pseudo_mask_iou
 from groundlab.ops.atomic_write import atomic_write_text
 from groundlab.recipes import get_recipe
