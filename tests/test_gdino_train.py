@@ -141,6 +141,7 @@ def test_validation_images_missing_fail_before_training(compose, tmp_path):
     assert time.perf_counter() - started < 60
 
 
+@pytest.mark.slow
 def test_trains_without_a_validation_source(compose, tmp_path, caplog):
     """No dataset.val_data_sources (a team without a labelled val split, the auto-label pipeline without true
     masks): training says so, runs and checkpoints; no val metrics."""
