@@ -1,19 +1,42 @@
 """A Hydra callback that ends every sweep with a table of its trials (overrides, monitored metric, run dir)
 and the best one, printed and written to <sweep dir>/sweep_results.csv. Works for the basic (grid) sweeper
-and the Optuna sweeper alike; no heavy imports."""
+and the Optuna sweeper alike; no heavy imports.
+
+A trial that fails (a bad hyperparameter, a NaN stop, out of memory) does not end the sweep: run.py records
+its one-sentence reason in `<trial dir>/trial_failed.json` (`record_failed_trial`) and returns no value, which
+the Optuna sweeper tells its study as a failed trial (a NaN would make it raise); the other trials go on and the
+table lists the failed one with its reason."""
 
 from __future__ import annotations
 
 import csv
-import logging
+import json
 import math
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-log = logging.getLogger(__name__)
+
+
+FAILED_FILE = "trial_failed.json"
+
+
+def record_failed_trial(trial_dir: str, reason: str) -> None:
+    """Write `reason` (one sentence) to the trial's trial_failed.json."""
+    os.makedirs(trial_dir, exist_ok=True)
+    with open(os.path.join(trial_dir, FAILED_FILE), "w") as f:
+        json.dump({"reason": reason}, f)
+
+
+def failed_reason(trial_dir: str) -> Optional[str]:
+    """The reason record_failed_trial wrote for this trial, or None."""
+    path = os.path.join(trial_dir, FAILED_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return str(json.load(f).get("reason"))
 
 
 class SweepReport(Callback):
@@ -21,11 +44,14 @@ class SweepReport(Callback):
         self.trials: List[Dict[str, Any]] = []
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        reason = failed_reason(config.hydra.runtime.output_dir)
         try:
             value = job_return.return_value
             status = "ok" if value is not None else "no metric"
         except Exception as err:  # a failed trial stays in the table with its error
             value, status = None, f"failed: {type(err).__name__}: {err}"
+        if reason is not None:
+            value, status = None, f"failed: {reason}"
         self.trials.append({
             "trial": config.hydra.job.get("num", len(self.trials)),
             "overrides": " ".join(config.hydra.overrides.task),
@@ -47,9 +73,12 @@ class SweepReport(Callback):
             lines.append(f"{t['trial']:>5}  {shown:>12}  {t['overrides']}")
         if best:
             lines.append(f"best: trial {best['trial']} {metric}={best['value']:.4f}  {best['overrides']}  ({best['dir']})")
+        failed = [t for t in self.trials if t["status"].startswith("failed")]
+        if failed:
+            lines.append(f"{len(failed)} of {len(self.trials)} trials failed (reasons above; their dirs keep their "
+                         f"logs{'' if scored else '; no trial gave a value'})")
         report = "\n".join(lines)
-        print(report)
-        log.info(report)
+        print(report)  # Hydra's own logger would print it to the console a second time
         sweep_dir = config.hydra.sweep.dir
         os.makedirs(sweep_dir, exist_ok=True)
         with open(os.path.join(sweep_dir, "sweep_results.csv"), "w", newline="") as f:
@@ -59,5 +88,9 @@ class SweepReport(Callback):
 
 
 def _direction(config: DictConfig) -> str:
+    """"maximize" or "minimize": the Optuna sweeper's direction (a name, an enum, or a list of either; the first
+    objective decides), maximize for sweepers without one."""
     direction = config.hydra.sweeper.get("direction", "maximize")
-    return str(direction if isinstance(direction, str) else list(direction)[0])
+    if not isinstance(direction, str) and hasattr(direction, "__iter__"):
+        direction = list(direction)[0]
+    return str(getattr(direction, "name", direction))
