@@ -46,7 +46,7 @@ def _has_masks(json_file: str) -> bool:
 
 def pipeline_inputs(cfg: DictConfig) -> Dict[str, Any]:
     """{"image_dir", "box_json" (None for box_source=gdino: made by the boxes step), "class_names" (gdino),
-    "val": {"image_dir", "json_file"} or None, "train_mask_json" or None}."""
+    "val": {"image_dir", "json_file"} or None, "val_has_masks", "train_mask_json" or None}."""
     al, d = cfg.autolabel, cfg.dataset
     out: Dict[str, Any] = {"box_json": None, "class_names": None, "train_mask_json": al.train_mask_json}
     if al.box_source == "gdino":
@@ -65,6 +65,9 @@ def pipeline_inputs(cfg: DictConfig) -> Dict[str, Any]:
     if val is not None and val.get("data_type", "OD") != "OD":
         raise ConfigError("action=autolabel evaluates instance masks: dataset.val_data_sources.data_type must be OD.")
     out["val"] = {"image_dir": val["image_dir"], "json_file": val["json_file"]} if val else None
+    if val and not os.path.isfile(os.path.expanduser(val["json_file"])):
+        raise ConfigError(f"dataset.val_data_sources.json_file={val['json_file']!r} is not a file.")
+    out["val_has_masks"] = bool(val and _has_masks(os.path.expanduser(val["json_file"])))  # MAL validates on them
     for key in ("box_json", "train_mask_json"):
         if out[key] and not os.path.isfile(os.path.expanduser(out[key])):
             raise ConfigError(f"autolabel's {key.replace('_', ' ')} {out[key]!r} is not a file.")
@@ -114,7 +117,7 @@ def mal_config(cfg: DictConfig, folder: str, inputs: Dict[str, Any], box_json: s
     d = step.dataset
     d.type, d.train_ann_path, d.train_img_dir = "mal_coco", box_json, inputs["image_dir"]
     val = inputs["val"]
-    d.load_mask = bool(val and _has_masks(val["json_file"]))
+    d.load_mask = inputs["val_has_masks"]
     d.val_ann_path, d.val_img_dir = (val["json_file"], val["image_dir"]) if d.load_mask else ("", "")
     return step
 
