@@ -204,6 +204,7 @@ def test_export_keys_and_rules(compose):
     ex = compose(["model=mask_gdino", "action=export"]).export
     assert (ex.input_height, ex.input_width, ex.batch_size, ex.opset_version) == (544, 960, -1, 17)
     assert not ex.split_text_encoder and not ex.simplify and ex.checkpoint is None and ex.onnx_file is None
+    assert not ex.dynamic_text_len  # TAO's fixed max_text_len, which TensorRT and DeepStream take
     assert compose(["model=mal"]).export is None  # MAL has no export
     with pytest.raises(ConfigError, match=r"export.batch_size=0 must be -1 \(dynamic\) or >= 1"):
         check_config(compose(["action=export", "export.batch_size=0"]))
@@ -368,6 +369,42 @@ def test_split_graphs_reproduce_the_full_graph(compose, tokenizer, tmp_path):
     for a, b in zip(*results):
         assert torch.equal(a["labels"], b["labels"]) and torch.allclose(a["scores"], b["scores"], atol=1e-4)
         assert torch.allclose(a["boxes"], b["boxes"], atol=1e-3) and torch.equal(a["masks"], b["masks"])
+
+
+@pytest.mark.slow
+def test_a_dynamic_text_length_graph_runs_each_prompt_at_its_own_length(compose, tokenizer, tmp_path):
+    """export.dynamic_text_len: the token axes are symbolic and pred_logits keeps max_text_len columns; the backend
+    feeds each prompt unpadded (two prompts in one batch padded to the longer) and gets what PyTorch gets with the
+    text padded to max_text_len, through the full graph and through the split graphs."""
+    from groundlab.deploy.onnx_export import FullGraph
+    from groundlab.predict.onnx_backend import OnnxRuntimeBackend
+
+    metrics, path, model = _export(compose, TINY_MGD, tmp_path, "export.input_height=96", "export.input_width=128",
+                                   "export.split_text_encoder=true", "export.dynamic_text_len=true")
+    assert all(v < 1e-3 for v in metrics.values()), metrics
+    session = _session(path)
+    shapes = {i.name: i.shape for i in session.get_inputs()}
+    assert shapes["input_ids"] == ["batch_size", "num_tokens"]
+    assert shapes["text_token_mask"] == ["batch_size", "num_tokens", "num_tokens"]
+    assert session.get_outputs()[0].shape == ["batch_size", 20, 256]
+    assert _session(tmp_path / "model.text.onnx").get_outputs()[0].shape == ["batch_size", "num_tokens", 32]
+    encoder = PromptEncoder(tokenizer, 256)
+    tokens = [{k: v for k, v in encoder.encode([class_prompt(names)]).items() if torch.is_tensor(v)}
+              for names in (["red circle"], NAMES + ["green triangle", "yellow star"])]
+    torch.manual_seed(4)
+    images = torch.randn(2, 3, 96, 128)
+    padded = {k: torch.cat([graph_tokens(t, 256)[k] for t in tokens]) for k in INPUTS[1:]}
+    with torch.no_grad():
+        ref = FullGraph(model)(images, *padded.values())
+    for onnx_file in (path, tmp_path / "model.image.onnx"):
+        backend = OnnxRuntimeBackend(str(onnx_file), torch.device("cpu"))
+        texts = [backend.encode_text(t) for t in tokens]
+        assert backend.dynamic_text and [t["attention_mask"].shape[1] for t in texts] == [
+            t["input_ids"].shape[1] for t in tokens] and texts[0]["attention_mask"].shape[1] < 10
+        out = backend.detect(backend.encode_image(images, torch.zeros(2, 96, 128, dtype=torch.bool)),
+                             backend.stack_text(texts))
+        for name, r in zip(("pred_logits", "pred_boxes", "pred_masks"), ref):
+            _assert_close(out[name].numpy(), r)
 
 
 @pytest.mark.slow

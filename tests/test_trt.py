@@ -153,7 +153,7 @@ def test_a_fixed_batch_file_takes_exactly_its_batch():
                       "export with fixed export.input_height / export.input_width."),
     ({"text_len": "L"}, "m.onnx: the text inputs have lengths ['L']; expected one fixed length L (the model's "
                         "max_text_len) for input_ids, attention_mask, position_ids, token_type_ids and "
-                        "text_token_mask (B, L, L)."),
+                        "text_token_mask (B, L, L); export with export.dynamic_text_len=false."),
 ])
 def test_a_file_without_the_contract_fails_naming_it(kwargs, sentence):
     with pytest.raises(DataError) as err:

@@ -182,6 +182,9 @@ class GDinoExportConfig:
     batch_size: int = -1  # -1: dynamic batch
     opset_version: int = 17
     split_text_encoder: bool = False  # also <name>.text.onnx (tokens -> text features) and <name>.image.onnx
+    # a symbolic text length (1..max_text_len) instead of TAO's fixed max_text_len: ONNX Runtime then runs only the
+    # prompt's tokens (faster on the CPU); TensorRT engines and DeepStream take the fixed length (the default)
+    dynamic_text_len: bool = False
     simplify: bool = False  # onnxslim the graphs (needs `pip install onnxslim`)
     verbose: bool = False  # torch.onnx.export's verbose listing of the graph
 

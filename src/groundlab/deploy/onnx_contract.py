@@ -82,7 +82,7 @@ def read_contract(model, path: str) -> OnnxContract:
     if len(lengths) != 1 or not isinstance(next(iter(lengths)), int):
         raise DataError(f"the text inputs have lengths {sorted(map(str, lengths))}; expected one fixed length L "
                         f"(the model's max_text_len) for input_ids, attention_mask, position_ids, token_type_ids and "
-                        f"text_token_mask (B, L, L).", path)
+                        f"text_token_mask (B, L, L); export with export.dynamic_text_len=false.", path)
     outputs = [o.name for o in model.graph.output]
     absent = [n for n in OUTPUTS if n not in outputs]
     if absent:

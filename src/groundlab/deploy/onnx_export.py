@@ -8,6 +8,10 @@ TensorRT has GridSample, no custom op is needed), and constant folding leaves To
 no padding input: the graph runs exactly H x W inputs, as TAO's deploy does. Mask Grounding DINO's `pred_masks`
 holds every query's stride-4 mask logits (TAO's contract), computed in the wrapper by the same parameter-free
 `query_masks` that training and the PyTorch predictor use.
+
+With `dynamic_text` (export.dynamic_text_len) the token axes are symbolic (graph_contract.TEXT_AXES): the graph is
+traced at the example prompt's own length, shorter than max_text_len, so that ContrastiveEmbed's -inf padding up to
+max_text_len is in the graph and `pred_logits` keeps its fixed width.
 """
 
 from __future__ import annotations
@@ -28,8 +32,8 @@ from groundlab.models.mask_gdino.dynamic_mask import query_masks
 from groundlab.models.mask_gdino.model import MaskGroundingDINO
 from groundlab.predict.deploy_meta import GraphInfo, set_onnx_info
 from groundlab.predict.graph_contract import (
-    IMAGE_GRAPH_INPUTS, INPUTS, MASK_OUTPUT, OUTPUTS, REGION_OUTPUTS, TEXT_GRAPH_INPUTS, TEXT_GRAPH_OUTPUTS,
-    split_graph_paths,
+    IMAGE_GRAPH_INPUTS, INPUTS, MASK_OUTPUT, OUTPUTS, REGION_OUTPUTS, TEXT_AXES, TEXT_AXIS, TEXT_GRAPH_INPUTS,
+    TEXT_GRAPH_OUTPUTS, split_graph_paths,
 )
 
 log = logging.getLogger(__name__)
@@ -123,20 +127,34 @@ def check_simplifier(simplify: bool) -> None:
                               "or set export.simplify=false).") from None
 
 
-def _fix_output_dims(proto, shapes: Dict[str, Tuple[int, ...]], dynamic_batch: bool) -> None:
-    """Give every output dim but a dynamic batch its size: the tracer leaves sizes it computed symbolic (e.g.
-    pred_masks' queries and H/4, W/4), which TensorRT and DeepStream would have to resolve at build time."""
+def _dynamic_axes(names: Sequence[str], dynamic_batch: bool, dynamic_text: bool) -> Dict[str, Dict[int, str]]:
+    """torch.onnx.export's dynamic_axes: dim 0 of every tensor for a dynamic batch, the token axes of the text
+    tensors (graph_contract.TEXT_AXES) for a dynamic text length."""
+    axes: Dict[str, Dict[int, str]] = {}
+    for name in names:
+        dims = {0: "batch_size"} if dynamic_batch else {}
+        if dynamic_text:
+            dims.update({i: TEXT_AXIS for i in TEXT_AXES.get(name, ())})
+        if dims:
+            axes[name] = dims
+    return axes
+
+
+def _fix_output_dims(proto, shapes: Dict[str, Tuple[int, ...]], dynamic: Dict[str, Dict[int, str]]) -> None:
+    """Give every output dim but the dynamic ones (batch, text axis) its size: the tracer leaves sizes it computed
+    symbolic (e.g. pred_masks' queries and H/4, W/4), which TensorRT and DeepStream would have to resolve at build
+    time."""
     for output in proto.graph.output:
         dims = output.type.tensor_type.shape.dim
         for i, size in enumerate(shapes[output.name]):
-            if i == 0 and dynamic_batch:
+            if i in dynamic.get(output.name, {}):
                 continue
             dims[i].Clear()
             dims[i].dim_value = int(size)
 
 
 def _write(graph: ExportedGraph, dynamic_batch: bool, opset: int, verbose: bool, info: GraphInfo,
-           simplify: bool) -> None:
+           simplify: bool, dynamic_text: bool = False) -> None:
     import onnx
 
     names = list(graph.input_names) + list(graph.output_names)
@@ -146,6 +164,7 @@ def _write(graph: ExportedGraph, dynamic_batch: bool, opset: int, verbose: bool,
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     shapes = {n: tuple(o.shape) for n, o in zip(graph.output_names, outputs)}
     os.makedirs(os.path.dirname(os.path.abspath(graph.path)), exist_ok=True)
+    dynamic = _dynamic_axes(names, dynamic_batch, dynamic_text)
     # eval() on the wrapper: the exporter restores the wrapper's mode, recursively, when it is done. The tracer
     # warns at every size it turns into a constant: the graph fixes H, W and L by contract, so those are expected
     # and not the user's concern (the ONNX Runtime check below proves the graph)
@@ -153,28 +172,42 @@ def _write(graph: ExportedGraph, dynamic_batch: bool, opset: int, verbose: bool,
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         torch.onnx.export(graph.module.eval(), args, graph.path, input_names=list(graph.input_names),
                           output_names=list(graph.output_names), opset_version=opset, do_constant_folding=True,
-                          dynamic_axes={n: {0: "batch_size"} for n in names} if dynamic_batch else None,
-                          verbose=verbose, dynamo=False)
+                          dynamic_axes=dynamic or None, verbose=verbose, dynamo=False)
     proto = onnx.load(graph.path)
     if simplify:
         import onnxslim
 
         proto = onnxslim.slim(proto)  # fewer nodes, same arithmetic (its documented in-script use)
-    _fix_output_dims(proto, shapes, dynamic_batch)
+    _fix_output_dims(proto, shapes, dynamic)
     set_onnx_info(proto, info)
     onnx.checker.check_model(proto, full_check=True)  # the ONNX checker, shape inference included
     onnx.save(proto, graph.path)
 
 
+def trace_text_length(example: Dict[str, torch.Tensor], max_text_len: int) -> Dict[str, torch.Tensor]:
+    """The example's text cut to its prompt's tokens (the longest row's), and below max_text_len, for tracing a
+    graph with a symbolic text length (module doc)."""
+    L = max(1, min(int(example["attention_mask"].sum(1).max()), max_text_len - 1))
+    out = {}
+    for name, value in example.items():
+        for axis in TEXT_AXES.get(name, ()):
+            value = value.narrow(axis, 0, L)
+        out[name] = value.contiguous()
+    return out
+
+
 def export_gdino(model: GroundingDINO, info: GraphInfo, onnx_file: str, example: Dict[str, torch.Tensor],
                  dynamic_batch: bool = True, opset: int = 17, split_text_encoder: bool = False,
-                 simplify: bool = False, verbose: bool = False) -> List[ExportedGraph]:
+                 simplify: bool = False, verbose: bool = False, dynamic_text: bool = False) -> List[ExportedGraph]:
     """Write the full graph to `onnx_file` and, with split_text_encoder, also `<stem>.text.onnx` and
     `<stem>.image.onnx`; each is checked by the ONNX checker and carries `info` (its kind and, for the image
     graph, its text graph's name). example: the full graph's six inputs by name (the trace's shapes: H, W and,
-    for a fixed batch, B are fixed by them). Returns the graphs written, full first."""
+    for a fixed batch, B are fixed by them; L too unless dynamic_text, which traces at the prompt's length).
+    Returns the graphs written, full first (each with the example it was traced with)."""
     check_simplifier(simplify)
     model = model.eval()
+    if dynamic_text:
+        example = trace_text_length(example, int(model.max_text_len))
     if dynamic_batch and example["inputs"].shape[0] == 1:
         # traced at batch 1, torch's MultiheadAttention folds the batch into constant shapes (the graph then
         # fails at batch 2): a dynamic-batch graph is traced at batch 2
@@ -194,7 +227,7 @@ def export_gdino(model: GroundingDINO, info: GraphInfo, onnx_file: str, example:
     for graph in graphs:
         kind_info = dataclasses.replace(info, kind=graph.kind, text_graph=text_name if graph.kind == "image" else None)
         log.info("exporting the %s graph to %s", graph.kind, graph.path)
-        _write(graph, dynamic_batch, opset, verbose, kind_info, simplify)
+        _write(graph, dynamic_batch, opset, verbose, kind_info, simplify, dynamic_text)
     return graphs
 
 

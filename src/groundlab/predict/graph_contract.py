@@ -3,7 +3,9 @@ Runtime backend (predict/onnx_backend.py) and the TensorRT backend (predict/trt_
 as TAO's export writes them (so DeepStream configs and TAO engines carry over), the split text / image graphs, the
 text padding and the batch groups a graph of a fixed batch or batch range runs.
 
-Full graph (`<name>.onnx`), B images, L = model.max_text_len (text always padded to L, TAO's pad_to_max):
+Full graph (`<name>.onnx`), B images, L = model.max_text_len (text always padded to L, TAO's pad_to_max), or with
+`export.dynamic_text_len` a symbolic L (`num_tokens`, 1..max_text_len) that ONNX Runtime runs at the prompt's own
+length (a batch of prompts padded to its longest; TensorRT and DeepStream take the fixed L):
 
 | input | shape | dtype | meaning |
 |---|---|---|---|
@@ -14,7 +16,8 @@ Full graph (`<name>.onnx`), B images, L = model.max_text_len (text always padded
 | `token_type_ids` | (B, L) | int64 | zeros |
 | `text_token_mask` | (B, L, L) | bool | the sub-sentence self-attention mask (padding attends to itself) |
 
-outputs `pred_logits` (B, Q, L) float32 (-inf on padding tokens and padded queries), `pred_boxes` (B, Q, 4) cxcywh in
+outputs `pred_logits` (B, Q, max_text_len) float32 (-inf on padding tokens and padded queries; max_text_len wide with
+a symbolic L too), `pred_boxes` (B, Q, 4) cxcywh in
 [0, 1], and for Mask Grounding DINO `pred_masks` (B, Q, H/4, W/4): stride-4 mask logits of every query; with region
 queries (referring segmentation, as TAO's VG engines) also `no_targets` (B, 2) logits [target, no target] and
 `union_mask_logits` (B, 2, H/8, W/8) logits [background, foreground] of the referred objects' union.
@@ -52,6 +55,10 @@ INPUT_SHAPES = {"inputs": "(B, 3, H, W)", "input_ids": "(B, L)", "attention_mask
                 "token_type_ids": "(B, L)", "text_token_mask": "(B, L, L)", "text_features": "(B, L, C)"}
 
 TEXT_FEATURES = "text_features"
+# the token axes of every text tensor: symbolic (TEXT_AXIS) in a graph exported with export.dynamic_text_len
+TEXT_AXIS = "num_tokens"
+TEXT_AXES = {"input_ids": (1,), "attention_mask": (1,), "position_ids": (1,), "token_type_ids": (1,),
+             "text_token_mask": (1, 2), TEXT_FEATURES: (1,)}
 TEXT_GRAPH_INPUTS = ("input_ids", "position_ids", "token_type_ids", "text_token_mask")
 TEXT_GRAPH_OUTPUTS = (TEXT_FEATURES,)
 IMAGE_GRAPH_INPUTS = (IMAGE_INPUT, TEXT_FEATURES, "attention_mask", "position_ids", "text_token_mask")
@@ -66,27 +73,35 @@ def split_graph_paths(onnx_file: str) -> Tuple[str, str]:
     return f"{stem}.text.onnx", f"{stem}.image.onnx"
 
 
-def graph_tokens(tokens: Dict[str, torch.Tensor], max_text_len: int) -> Dict[str, torch.Tensor]:
-    """PromptEncoder.encode's tensors (B, L <= max_text_len) -> the five text inputs of the contract, padded to
-    max_text_len: padding has id 0, attention_mask False, position 0 and attends only to itself (so the prompt's
-    tokens compute exactly what they compute unpadded)."""
-    ids = tokens["input_ids"]
-    B, L = ids.shape
-    pad = max_text_len - L
-    if pad < 0:
-        raise ValueError(f"a prompt of {L} tokens is longer than the graph's max_text_len={max_text_len}")
+def graph_tokens(tokens: Dict[str, torch.Tensor], length: int) -> Dict[str, torch.Tensor]:
+    """PromptEncoder.encode's tensors (B, L <= length) -> the five text inputs of the contract, padded to `length`
+    (a fixed-length graph's max_text_len): padding has id 0, attention_mask False, position 0 and attends only to
+    itself (so the prompt's tokens compute exactly what they compute unpadded)."""
+    if tokens["input_ids"].shape[1] > length:
+        raise ValueError(f"a prompt of {tokens['input_ids'].shape[1]} tokens is longer than the graph's "
+                         f"max_text_len={length}")
+    text = {"input_ids": tokens["input_ids"].long(), "attention_mask": tokens["attention_mask"].bool(),
+            "position_ids": tokens["position_ids"].long(), "token_type_ids": tokens["token_type_ids"].long(),
+            "text_token_mask": tokens["text_self_attention_mask"].bool()}
+    return pad_text(text, length)
+
+
+def pad_text(text: Dict[str, torch.Tensor], length: int) -> Dict[str, torch.Tensor]:
+    """Graph text tensors (any of TEXT_AXES' names, (B, L, ...)) padded along their token axes to `length` >= L:
+    zeros (False) everywhere, except that each padding token attends to itself in text_token_mask."""
     F = torch.nn.functional
-    out = {
-        "input_ids": F.pad(ids, (0, pad)).long(),
-        "attention_mask": F.pad(tokens["attention_mask"], (0, pad)).bool(),
-        "position_ids": F.pad(tokens["position_ids"], (0, pad)).long(),
-        "token_type_ids": F.pad(tokens["token_type_ids"], (0, pad)).long(),
-    }
-    mask = F.pad(tokens["text_self_attention_mask"].bool(), (0, pad, 0, pad), value=False)
-    if pad:
-        idx = torch.arange(L, max_text_len, device=mask.device)
-        mask[:, idx, idx] = True
-    out["text_token_mask"] = mask
+    out = {}
+    for name, value in text.items():
+        pad = length - value.shape[1]
+        if pad <= 0 or name not in TEXT_AXES:
+            out[name] = value
+        elif name == "text_token_mask":
+            mask = F.pad(value, (0, pad, 0, pad), value=False)
+            idx = torch.arange(length - pad, length, device=mask.device)
+            mask[:, idx, idx] = True
+            out[name] = mask
+        else:  # (B, L) or (B, L, C): pad dim 1
+            out[name] = F.pad(value, (0, 0) * (value.dim() - 2) + (0, pad))
     return out
 
 

@@ -1,8 +1,11 @@
 """The ONNX Runtime backend of the Grounding DINO predictor: runs an exported graph (TAO's or groundlab's; the contract
 is predict/graph_contract.py) behind torch_backend.py's interface, so evaluate and inference run it unchanged.
 
-- `encode_text(tokens)`: the prompt's tokens padded to the graph's max_text_len (the full graph takes tokens); with
-  a split export, the text graph's `text_features` with the masks that go with them, computed once per prompt.
+- `encode_text(tokens)`: the prompt's tokens padded to the graph's max_text_len (the full graph takes tokens), or
+  unpadded for a graph with a symbolic text length (export.dynamic_text_len: the text layers then run only the
+  prompt's tokens); with a split export, the text graph's `text_features` with the masks that go with them,
+  computed once per prompt.
+- `stack_text(texts)`: one text per image, padded to the longest (padding masked out and attending only to itself).
 - `encode_image(images, padding_mask)`: the images themselves; they must be exactly the graph's H x W, unpadded
   (the predictor's transforms resize to the graph's size: predict/backends.py).
 - `detect(image, text)`: {"pred_logits" (B, Q, L), "pred_boxes" (B, Q, 4)[, "pred_masks" (B, Q, H/4, W/4) stride-4
@@ -28,7 +31,7 @@ from groundlab.errors import MissingFile
 from groundlab.predict.deploy_meta import METADATA_KEY, GraphInfo, text_graph_path
 from groundlab.predict.graph_contract import (
     GRAPH_INPUTS, IMAGE_INPUT, INPUT_DTYPES, INPUT_SHAPES, MASK_OUTPUT, OUTPUTS, REGION_OUTPUTS, TEXT_FEATURES,
-    TEXT_GRAPH_OUTPUTS, batch_groups, graph_tokens,
+    TEXT_GRAPH_OUTPUTS, batch_groups, graph_tokens, pad_text,
 )
 
 log = logging.getLogger(__name__)
@@ -157,6 +160,9 @@ class OnnxRuntimeBackend:
             self.text_types = input_types(self.text_session, text_file)
         self.types = input_types(self.session, onnx_file)
         self.input_names = list(self.types)
+        # a symbolic token axis (export.dynamic_text_len): text is fed at the prompt's length, not max_text_len
+        tokens_input = next(i for i in (self.text_session or self.session).get_inputs() if i.name == "input_ids")
+        self.dynamic_text = _static(tokens_input.shape[1]) is None
         self.output_names = [n for n in (*OUTPUTS, MASK_OUTPUT, *REGION_OUTPUTS)
                              if n in {o.name for o in self.session.get_outputs()}]
 
@@ -180,7 +186,8 @@ class OnnxRuntimeBackend:
         return self.info.input_size
 
     def encode_text(self, tokens: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        text = {k: v.cpu() for k, v in graph_tokens(tokens, self.max_text_len).items()}
+        length = tokens["input_ids"].shape[1] if self.dynamic_text else self.max_text_len
+        text = {k: v.cpu() for k, v in graph_tokens(tokens, length).items()}
         if self.text_session is None:
             return text
         feeds = {n: text[n].numpy().astype(t) for n, t in self.text_types.items()}
@@ -190,8 +197,10 @@ class OnnxRuntimeBackend:
 
     @staticmethod
     def stack_text(texts: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-        """Every text is padded to max_text_len already: one batch is a concatenation."""
-        return {k: torch.cat([t[k] for t in texts]) for k in texts[0]}
+        """Texts of batch 1 as one batch, padded to the longest (a fixed-length graph's are all max_text_len)."""
+        length = max(t["attention_mask"].shape[1] for t in texts)
+        padded = [pad_text(t, length) for t in texts]
+        return {k: torch.cat([t[k] for t in padded]) for k in texts[0]}
 
     def encode_image(self, images: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
         size = self.input_size

@@ -40,7 +40,11 @@ class DecoderLayer(nn.Module):
         tgt2 = self.self_attn(q, k, tgt, attn_mask=self_attn_mask, key_padding_mask=query_padding_mask,
                               need_weights=False)[0]
         tgt = self.norm2(tgt + F.dropout(tgt2, self.dropout, self.training))
-        tgt2 = self.ca_text(tgt + query_pos, text, text, key_padding_mask=text_padding_mask, need_weights=False)[0]
+        # key and value as two tensors, as IDEA's layer passes them: MultiheadAttention's packed key-value
+        # projection (key is value) traces the text length into a constant, and an export with a symbolic text
+        # length (export.dynamic_text_len) then fails on any other length
+        tgt2 = self.ca_text(tgt + query_pos, text, text.view_as(text), key_padding_mask=text_padding_mask,
+                            need_weights=False)[0]
         tgt = self.catext_norm(tgt + F.dropout(tgt2, self.dropout, self.training))
         tgt2 = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, memory_padding_mask)
         tgt = self.norm1(tgt + F.dropout(tgt2, self.dropout, self.training))
