@@ -372,16 +372,22 @@ def test_split_graphs_reproduce_the_full_graph(compose, tokenizer, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_dynamic_text_length_graph_runs_each_prompt_at_its_own_length(compose, tokenizer, tmp_path):
-    """export.dynamic_text_len: the token axes are symbolic and pred_logits keeps max_text_len columns; the backend
-    feeds each prompt unpadded (two prompts in one batch padded to the longer) and gets what PyTorch gets with the
-    text padded to max_text_len, through the full graph and through the split graphs."""
+def test_the_cpu_graph_runs_each_prompt_at_its_own_length_without_grid_sample(compose, tokenizer, tmp_path):
+    """export.dynamic_text_len + export.deform_attn_impl=gather_matmul (ONNX Runtime's fast CPU graph): the token
+    axes are symbolic and pred_logits keeps max_text_len columns; no GridSample; the backend feeds each prompt
+    unpadded (two prompts in one batch padded to the longer) and gets what PyTorch gets with the text padded to
+    max_text_len, through the full graph and through the split graphs."""
     from groundlab.deploy.onnx_export import FullGraph
     from groundlab.predict.onnx_backend import OnnxRuntimeBackend
 
     metrics, path, model = _export(compose, TINY_MGD, tmp_path, "export.input_height=96", "export.input_width=128",
-                                   "export.split_text_encoder=true", "export.dynamic_text_len=true")
+                                   "export.split_text_encoder=true", "export.dynamic_text_len=true",
+                                   "export.deform_attn_impl=gather_matmul")
     assert all(v < 1e-3 for v in metrics.values()), metrics
+    for graph in ("model.onnx", "model.image.onnx"):
+        ops = {n.op_type for n in onnx.load(str(tmp_path / graph)).graph.node}
+        assert "GridSample" not in ops and {"Gather", "MatMul"} <= ops and {n.domain for n in onnx.load(
+            str(tmp_path / graph)).graph.node} <= {""}
     session = _session(path)
     shapes = {i.name: i.shape for i in session.get_inputs()}
     assert shapes["input_ids"] == ["batch_size", "num_tokens"]
@@ -405,6 +411,10 @@ def test_a_dynamic_text_length_graph_runs_each_prompt_at_its_own_length(compose,
                              backend.stack_text(texts))
         for name, r in zip(("pred_logits", "pred_boxes", "pred_masks"), ref):
             _assert_close(out[name].numpy(), r)
+    with pytest.raises(ConfigError, match="export.deform_attn_impl='gather' must be one of"):
+        from groundlab.config import check_config
+
+        check_config(compose(["action=export", "export.deform_attn_impl=gather"]))
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """Multi-scale deformable attention: the grid_sample path equals a direct bilinear-sampling reference,
-and runs under autocast."""
+and runs under autocast; the embedding_bag and the Gather/MatMul paths agree with it, and a trace takes the path
+traced_impl names."""
 
 from __future__ import annotations
 
@@ -125,3 +126,36 @@ def test_module_paths_agree_and_auto_picks_grid_sample_when_tracing():
         traced = torch.jit.trace(Wrap(), (query, ref, value), check_trace=False)
     graph = str(traced.inlined_graph)
     assert "grid_sampler" in graph and "embedding_bag" not in graph
+
+
+def test_gather_matmul_path_agrees_with_grid_sample_and_is_what_a_trace_takes_when_asked():
+    from groundlab.models.common.ms_deform_attn import ms_deform_attn_gather_matmul, traced_impl
+
+    g = torch.Generator().manual_seed(2)
+    shapes = [(7, 9), (4, 5), (2, 3)]
+    S = sum(h * w for h, w in shapes)
+    value = torch.randn(2, S, 4, 8, generator=g)
+    locations = torch.rand(2, 11, 4, 3, 4, 2, generator=g) * 1.6 - 0.3  # many points outside, some far outside
+    weights = torch.rand(2, 11, 4, 3, 4, generator=g).softmax(-1)
+    a = ms_deform_attn_core(value, shapes, locations, weights)
+    for block in (128, 4):  # one block, and blocks that do not divide the 11 queries
+        assert torch.allclose(a, ms_deform_attn_gather_matmul(value, shapes, locations, weights, block), atol=1e-5)
+
+    torch.manual_seed(0)
+    attn = MSDeformAttn(d_model=16, n_levels=2, n_heads=2, n_points=2)
+    args = (torch.randn(1, 3, 16), torch.rand(1, 3, 2, 4), torch.randn(1, 20, 16))
+
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = attn
+
+        def forward(self, q, r, v):
+            return self.attn(q, r, v, [(4, 4), (2, 2)])
+
+    with torch.no_grad(), traced_impl("gather_matmul"):
+        traced = torch.jit.trace(Wrap(), args, check_trace=False)
+    graph = str(traced.inlined_graph)
+    assert "grid_sampler" not in graph and "embedding_bag" not in graph and "matmul" in graph
+    with torch.no_grad():
+        assert torch.allclose(traced(*args), Wrap()(*args), atol=1e-5)

@@ -14,9 +14,10 @@ export.checkpoint defaults to the latest checkpoint of the train run with the sa
 (engine/run_dirs.py). Writes export.onnx_file (default <results_dir>/<model>.onnx, where action=gen_trt_engine
 looks by default) and, with export.split_text_encoder, <name>.text.onnx and <name>.image.onnx next to it.
 export.dynamic_text_len=true gives the graphs a symbolic text length (ONNX Runtime then runs the prompt's own
-tokens; TensorRT needs the default fixed max_text_len). Each graph carries the model facts evaluate / inference
-need (num_select, class names, text encoder, input size) in its metadata, so `evaluate.onnx_file=<name>.onnx`
-needs nothing else.
+tokens; TensorRT needs the default fixed max_text_len), and export.deform_attn_impl=gather_matmul samples the
+deformable attention with Gather and MatMul instead of GridSample (faster in ONNX Runtime on the CPU). Each graph
+carries the model facts evaluate / inference need (num_select, class names, text encoder, input size) in its
+metadata, so `evaluate.onnx_file=<name>.onnx` needs nothing else.
 """
 
 from __future__ import annotations
@@ -109,7 +110,8 @@ def export_checkpoint(cfg: DictConfig, checkpoint: str, onnx_file: str, model: O
 
     info = graph_info(model, OmegaConf.to_container(built.config, resolve=True), built.class_names, (H, W), batch)
     graphs = export_gdino(model, info, onnx_file, example, batch is None, int(ex.opset_version),
-                          split_text_encoder, bool(ex.simplify), bool(ex.verbose), bool(ex.dynamic_text_len))
+                          split_text_encoder, bool(ex.simplify), bool(ex.verbose), bool(ex.dynamic_text_len),
+                          str(ex.deform_attn_impl))
     metrics: Dict[str, float] = {}
     for graph in graphs if verify else []:
         agreement = check_graph(graph, model, batch is None)

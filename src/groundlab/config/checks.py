@@ -170,6 +170,7 @@ RULES: List[Tuple[str, Rule]] = [
     ("export.input_width", at_least(32)),
     ("export.batch_size", Rule(lambda v: v == -1 or v >= 1, "-1 (dynamic) or >= 1")),
     ("export.opset_version", at_least(16)),  # GridSample (the deformable attention) is opset 16
+    ("export.deform_attn_impl", one_of("grid_sample", "gather_matmul")),  # models/common/ms_deform_attn.TRACED_IMPLS
     # action=autolabel
     ("autolabel.box_source", one_of(*BOX_SOURCES)),
     ("autolabel.box_threshold", PROBABILITY),

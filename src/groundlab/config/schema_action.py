@@ -185,6 +185,9 @@ class GDinoExportConfig:
     # a symbolic text length (1..max_text_len) instead of TAO's fixed max_text_len: ONNX Runtime then runs only the
     # prompt's tokens (faster on the CPU); TensorRT engines and DeepStream take the fixed length (the default)
     dynamic_text_len: bool = False
+    # deformable attention's sampling in the graph: grid_sample (GridSample: TensorRT's and TAO's) | gather_matmul
+    # (Gather + MatMul, ~1.8x faster in ONNX Runtime on the CPU)
+    deform_attn_impl: str = "grid_sample"
     simplify: bool = False  # onnxslim the graphs (needs `pip install onnxslim`)
     verbose: bool = False  # torch.onnx.export's verbose listing of the graph
 

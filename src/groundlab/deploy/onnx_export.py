@@ -4,7 +4,8 @@ with them).
 
 The graphs are traced (torch.onnx's TorchScript exporter) from thin wrappers around the model, so the model itself
 is never patched: deformable attention takes its grid_sample path under tracing (models/common/ms_deform_attn.py;
-TensorRT has GridSample, no custom op is needed), and constant folding leaves TopK with a fixed K. The images have
+TensorRT has GridSample, no custom op is needed) or, with deform_attn_impl="gather_matmul", the same sampling as
+Gather + MatMul (faster in ONNX Runtime on the CPU; plain ONNX ops too), and constant folding leaves TopK with a fixed K. The images have
 no padding input: the graph runs exactly H x W inputs, as TAO's deploy does. Mask Grounding DINO's `pred_masks`
 holds every query's stride-4 mask logits (TAO's contract), computed in the wrapper by the same parameter-free
 `query_masks` that training and the PyTorch predictor use.
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from groundlab.config import ConfigError
+from groundlab.models.common.ms_deform_attn import traced_impl
 from groundlab.models.gdino.model import GroundingDINO
 from groundlab.models.mask_gdino.dynamic_mask import query_masks
 from groundlab.models.mask_gdino.model import MaskGroundingDINO
@@ -198,12 +200,14 @@ def trace_text_length(example: Dict[str, torch.Tensor], max_text_len: int) -> Di
 
 def export_gdino(model: GroundingDINO, info: GraphInfo, onnx_file: str, example: Dict[str, torch.Tensor],
                  dynamic_batch: bool = True, opset: int = 17, split_text_encoder: bool = False,
-                 simplify: bool = False, verbose: bool = False, dynamic_text: bool = False) -> List[ExportedGraph]:
+                 simplify: bool = False, verbose: bool = False, dynamic_text: bool = False,
+                 deform_attn_impl: str = "grid_sample") -> List[ExportedGraph]:
     """Write the full graph to `onnx_file` and, with split_text_encoder, also `<stem>.text.onnx` and
     `<stem>.image.onnx`; each is checked by the ONNX checker and carries `info` (its kind and, for the image
     graph, its text graph's name). example: the full graph's six inputs by name (the trace's shapes: H, W and,
-    for a fixed batch, B are fixed by them; L too unless dynamic_text, which traces at the prompt's length).
-    Returns the graphs written, full first (each with the example it was traced with)."""
+    for a fixed batch, B are fixed by them; L too unless dynamic_text, which traces at the prompt's length);
+    deform_attn_impl: the deformable attention's formulation in the graph (ms_deform_attn.TRACED_IMPLS). Returns
+    the graphs written, full first (each with the example it was traced with)."""
     check_simplifier(simplify)
     model = model.eval()
     if dynamic_text:
@@ -227,7 +231,8 @@ def export_gdino(model: GroundingDINO, info: GraphInfo, onnx_file: str, example:
     for graph in graphs:
         kind_info = dataclasses.replace(info, kind=graph.kind, text_graph=text_name if graph.kind == "image" else None)
         log.info("exporting the %s graph to %s", graph.kind, graph.path)
-        _write(graph, dynamic_batch, opset, verbose, kind_info, simplify, dynamic_text)
+        with traced_impl(deform_attn_impl):
+            _write(graph, dynamic_batch, opset, verbose, kind_info, simplify, dynamic_text)
     return graphs
 
 
