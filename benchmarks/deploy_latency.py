@@ -3,14 +3,22 @@ quantize.backend=onnxruntime).
 
 (a) latency of the network (images + tokens -> pred_logits, pred_boxes), batch 1, `--threads` threads, at 544x960,
     for the tiny quickstart architecture and GDINO-T (Swin-T, 6+6 layers, 900 queries, MiniLM-sized text encoder;
-    random weights), the three run interleaved in one process;
+    random weights), run interleaved in one process. Eager runs the prompt's own tokens (as the PyTorch predictor
+    does); the ONNX graphs are the CPU graph (export.dynamic_text_len=true: the prompt's own tokens too;
+    export.deform_attn_impl=gather_matmul) and its INT8 graph. `--tao-graph` also times TAO's contract graph (text
+    padded to max_text_len, GridSample), which TensorRT and DeepStream take, and its INT8 graph (`*_tao_*` lines).
+    Every session is opened as the ONNX Runtime backend opens it (predict/onnx_backend.open_session);
 (b) mAP50 on the synthetic validation split of a trained quickstart checkpoint (`--checkpoint`, default: the
-    newest outputs/*/train/*quickstart/*_model_latest.pth) through action=evaluate with the checkpoint, its ONNX
-    export and its INT8 graph (action=quantize), all at the export size.
+    newest outputs/*/train/*quickstart/*_model_latest.pth) through action=evaluate with the checkpoint and
+    action=quantize (its CPU graph and INT8 graph), all at 128x128; `--skip-map` skips it.
 Prints `name: value` lines, including ort_fp32_ratio and ort_int8_ratio (each vs eager, GDINO-T) and
 int8_mAP50_delta. Targets: ort_fp32_ratio <= 0.8, ort_int8_ratio <= 0.6, |int8_mAP50_delta| <= 0.02.
 
+On a machine whose cores other work shares, two threads measure the contention more than the runtimes (PyTorch's
+OpenMP threads wait for each other at every op): `--threads 1` gives steadier ratios there.
+
     python benchmarks/deploy_latency.py [--repeat 3] [--threads 2] [--checkpoint PATH] [--skip-gdino-t]
+                                        [--skip-map] [--tao-graph]
 """
 
 from __future__ import annotations
@@ -45,14 +53,18 @@ def compose(overrides: List[str]):
         return hydra_compose("config", overrides=[*overrides, "results_dir=unused"])
 
 
-def latency(arch: str, repeat: int, threads: int, workdir: str) -> Dict[str, float]:
-    """Median seconds of eager, ORT fp32 and ORT int8 on one 544x960 image and a 10-class prompt."""
-    import onnxruntime as ort
+# the CPU graph's export settings (action=export's keys); TAO's contract graph is the default of both
+CPU_GRAPH = {"dynamic_text": True, "deform_attn_impl": "gather_matmul"}
+CPU_GRAPH_OVERRIDES = ["export.dynamic_text_len=true", "export.deform_attn_impl=gather_matmul"]
 
+
+def latency(arch: str, repeat: int, threads: int, workdir: str, tao_graph: bool) -> Dict[str, float]:
+    """Median seconds of eager and of each graph (fp32 and int8) on one 544x960 image and a 10-class prompt."""
     from groundlab.deploy.onnx_export import export_gdino, graph_info
     from groundlab.deploy.ort_quantize import quantize_onnx
     from groundlab.models.gdino.build import build_gdino
     from groundlab.predict.graph_contract import graph_tokens
+    from groundlab.predict.onnx_backend import open_session
     from groundlab.text.captions import class_prompt
     from groundlab.text.tokenizer import load_tokenizer
     from groundlab.text.tokens import PromptEncoder
@@ -64,40 +76,40 @@ def latency(arch: str, repeat: int, threads: int, workdir: str) -> Dict[str, flo
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     encoder = PromptEncoder(load_tokenizer(cfg.model.text_encoder_type), model.max_text_len)
-    tokens = graph_tokens({k: v for k, v in encoder.encode([class_prompt(CLASSES)]).items() if torch.is_tensor(v)},
-                          model.max_text_len)
+    prompt = {k: v for k, v in encoder.encode([class_prompt(CLASSES)]).items() if torch.is_tensor(v)}
     g = torch.Generator().manual_seed(0)
-    example = {"inputs": torch.randn(1, 3, 544, 960, generator=g), **tokens}
-    float_onnx = os.path.join(workdir, f"{arch}.onnx")
+    image = torch.randn(1, 3, 544, 960, generator=g)
+    calibration_images = [torch.randn(1, 3, 544, 960, generator=g) for _ in range(4)]
     info = graph_info(model, OmegaConf.to_container(cfg.model, resolve=True), None, (544, 960), None)
-    start = time.perf_counter()
-    export_gdino(model, info, float_onnx, example)
-    export_s = time.perf_counter() - start
-    feed = {k: v.numpy() for k, v in example.items()}
-    calibration = [dict(feed, inputs=torch.randn(1, 3, 544, 960, generator=g).numpy()) for _ in range(4)]
-    int8_onnx = os.path.join(workdir, f"{arch}.int8.onnx")
-    quantize_onnx(float_onnx, int8_onnx, calibration, list(cfg.quantize.skip_names))
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    sessions = {name: ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-                for name, path in (("ort_fp32", float_onnx), ("ort_int8", int8_onnx))}
-
-    def eager():
-        with torch.no_grad():
-            model(example["inputs"], tokens["input_ids"], tokens["attention_mask"], tokens["token_type_ids"],
-                  tokens["position_ids"], tokens["text_token_mask"])
-
-    runs = {"eager": eager, **{name: (lambda s=s: s.run(None, feed)) for name, s in sessions.items()}}
+    graphs = {"": (CPU_GRAPH, prompt["input_ids"].shape[1])}
+    if tao_graph:
+        graphs["tao_"] = ({}, model.max_text_len)
+    out: Dict[str, float] = {}
+    runs = {"eager": lambda: model(image, prompt["input_ids"], prompt["attention_mask"], prompt["token_type_ids"],
+                                   prompt["position_ids"], prompt["text_self_attention_mask"])}
+    for prefix, (settings, length) in graphs.items():
+        tokens = {k: v.numpy() for k, v in graph_tokens(prompt, length).items()}
+        float_onnx = os.path.join(workdir, f"{arch}.{prefix}onnx")
+        start = time.perf_counter()
+        export_gdino(model, info, float_onnx, {"inputs": image, **graph_tokens(prompt, length)}, **settings)
+        out[f"{arch}_{prefix}export_s"] = time.perf_counter() - start
+        int8_onnx = os.path.join(workdir, f"{arch}.{prefix}int8.onnx")
+        calibration = [dict(tokens, inputs=x.numpy()) for x in calibration_images]
+        quantize_onnx(float_onnx, int8_onnx, calibration, list(cfg.quantize.skip_names))
+        feed = dict(tokens, inputs=image.numpy())
+        for name, path in (("ort_fp32", float_onnx), ("ort_int8", int8_onnx)):
+            session = open_session(path, torch.device("cpu"), threads)
+            runs[prefix + name] = lambda s=session: s.run(None, feed)
     times: Dict[str, List[float]] = {name: [] for name in runs}
-    for fn in runs.values():
-        fn()  # warm-up
-    for _ in range(repeat):
-        for name, fn in runs.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    out = {f"{arch}_{name}_s": statistics.median(v) for name, v in times.items()}
-    out[f"{arch}_export_s"] = export_s
+    with torch.no_grad():
+        for fn in runs.values():
+            fn()  # warm-up
+        for _ in range(repeat):
+            for name, fn in runs.items():
+                t = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t)
+    out.update({f"{arch}_{name}_s": statistics.median(v) for name, v in times.items()})
     return out
 
 
@@ -107,7 +119,7 @@ def accuracy(checkpoint: str, workdir: str) -> Dict[str, float]:
 
     experiment = "mgd_quickstart" if "mask_gdino" in os.path.basename(checkpoint) else "quickstart"
     base = [f"experiment={experiment}", "dataset.augmentation.fixed_input_size=[128,128]",
-            "export.input_height=128", "export.input_width=128"]
+            "export.input_height=128", "export.input_width=128", *CPU_GRAPH_OVERRIDES]
 
     def run(extra, name):
         return run_action(compose_with_dir(base + extra, os.path.join(workdir, name)))
@@ -125,18 +137,21 @@ def compose_with_dir(overrides: List[str], results_dir: str):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--checkpoint", default="")
     parser.add_argument("--skip-gdino-t", action="store_true")
+    parser.add_argument("--skip-map", action="store_true", help="no mAP50 part (it needs a trained checkpoint)")
+    parser.add_argument("--tao-graph", action="store_true",
+                        help="also time TAO's contract graph (text padded to max_text_len, GridSample)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     workdir = tempfile.mkdtemp(prefix="deploy_latency_")
     results: Dict[str, float] = {}
     for arch in ["tiny"] + ([] if args.skip_gdino_t else ["gdino_t"]):
-        results.update(latency(arch, args.repeat, args.threads, workdir))
-        for name in ("ort_fp32", "ort_int8"):
+        results.update(latency(arch, args.repeat, args.threads, workdir, args.tao_graph))
+        for name in ("ort_fp32", "ort_int8") + (("tao_ort_fp32", "tao_ort_int8") if args.tao_graph else ()):
             results[f"{arch}_{name}_ratio"] = results[f"{arch}_{name}_s"] / results[f"{arch}_eager_s"]
     if not args.skip_gdino_t:
         results["ort_fp32_ratio"] = results["gdino_t_ort_fp32_ratio"]
@@ -144,7 +159,9 @@ def main() -> None:
     found = sorted(glob.glob(os.path.join(REPO, "outputs", "*", "train", "*quickstart", "*_model_latest.pth")),
                    key=os.path.getmtime)
     checkpoint = args.checkpoint or (found[-1] if found else "")
-    if checkpoint:
+    if args.skip_map:
+        print("accuracy: skipped (--skip-map)")
+    elif checkpoint:
         results.update(accuracy(checkpoint, workdir))
     else:
         print("accuracy: skipped (no quickstart checkpoint; train one with python run.py experiment=quickstart)")

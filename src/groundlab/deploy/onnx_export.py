@@ -5,10 +5,10 @@ with them).
 The graphs are traced (torch.onnx's TorchScript exporter) from thin wrappers around the model, so the model itself
 is never patched: deformable attention takes its grid_sample path under tracing (models/common/ms_deform_attn.py;
 TensorRT has GridSample, no custom op is needed) or, with deform_attn_impl="gather_matmul", the same sampling as
-Gather + MatMul (faster in ONNX Runtime on the CPU; plain ONNX ops too), and constant folding leaves TopK with a fixed K. The images have
-no padding input: the graph runs exactly H x W inputs, as TAO's deploy does. Mask Grounding DINO's `pred_masks`
-holds every query's stride-4 mask logits (TAO's contract), computed in the wrapper by the same parameter-free
-`query_masks` that training and the PyTorch predictor use.
+Gather + MatMul (faster in ONNX Runtime on the CPU; plain ONNX ops too), and constant folding leaves TopK with a
+fixed K. The images have no padding input: the graph runs exactly H x W inputs, as TAO's deploy does. Mask
+Grounding DINO's `pred_masks` holds every query's stride-4 mask logits (TAO's contract), computed in the wrapper by
+the same parameter-free `query_masks` that training and the PyTorch predictor use.
 
 With `dynamic_text` (export.dynamic_text_len) the token axes are symbolic (graph_contract.TEXT_AXES): the graph is
 traced at the example prompt's own length, shorter than max_text_len, so that ContrastiveEmbed's -inf padding up to

@@ -53,7 +53,9 @@ def providers_for(device: torch.device, onnx_file: str) -> List[object]:
     raise ConfigError(f"{onnx_file}: onnxruntime runs on the CPU or a CUDA GPU, not on {device}.")
 
 
-def open_session(onnx_file: str, device: torch.device):
+def open_session(onnx_file: str, device: torch.device, threads: Optional[int] = None):
+    """An onnxruntime session of `onnx_file` on `device`'s provider; threads: intra-op threads (None: onnxruntime's
+    default, one per physical core)."""
     import onnxruntime
 
     if not os.path.isfile(onnx_file):
@@ -61,6 +63,8 @@ def open_session(onnx_file: str, device: torch.device):
     providers = providers_for(device, onnx_file)
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3  # errors only: the CUDA provider's warnings about CPU fallbacks are expected
+    if threads:
+        options.intra_op_num_threads = threads
     try:
         try:
             return onnxruntime.InferenceSession(onnx_file, options, providers=providers)
