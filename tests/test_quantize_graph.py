@@ -3,7 +3,8 @@ the feeds the onnxruntime backend calibrates on. The settings map onto ModelOpt'
 node-name regexes, calibration method) and bad ones fail in one sentence naming the key; the calibration reader
 replays its feeds for ModelOpt; end to end, a tiny Mask Grounding DINO checkpoint is exported, quantized to
 symmetric int8 Q/DQ (what TensorRT builds) with the skipped nodes left float, and evaluated float vs quantized on
-the synthetic set, both mAPs and the delta in results.json; its exported graph quantizes to FP8 on the CPU too."""
+the synthetic set, both mAPs and the delta in results.json; its exported graph quantizes to FP8 on the CPU too.
+ONNX Runtime's own int8 graph quantizes the weights' products only (Linear layers as Gemm, float outputs)."""
 
 from __future__ import annotations
 
@@ -108,6 +109,45 @@ def test_onnx_runtime_runs_an_fp8_qdq_graph_on_the_cpu(tmp_path):
     (y,) = open_session(path, torch.device("cpu")).run(None, {"x": x})
     exact = x @ w
     assert 0 < np.abs(y - exact).max() < 0.1 * np.abs(exact).max()  # fp8's rounding: 3 mantissa bits
+
+
+def test_onnx_runtimes_int8_graph_quantizes_the_weights_products_only(tmp_path):
+    """quantize.backend=onnxruntime (static PTQ): a Linear on a (B, N, C) input becomes one Gemm with int8 weights and
+    its bias inside, fed a quantized input and giving a float output (no Q/DQ after it); a MatMul of two
+    activations stays float; the int8 graph computes what the float graph computes, to int8's rounding."""
+    from groundlab.deploy.ort_quantize import quantize_onnx
+    from groundlab.predict.onnx_backend import open_session
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+
+        def forward(self, x):
+            h = self.b(torch.relu(self.a(x)))  # (B, N, 16)
+            return (h @ h.transpose(1, 2)).softmax(-1) @ h  # activation x activation products
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 16)
+    float_path, int8_path = str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx")
+    torch.onnx.export(Block().eval(), (x,), float_path, input_names=["x"], output_names=["y"], opset_version=17,
+                      dynamic_axes={"x": {0: "b"}}, dynamo=False)
+    feeds = [{"x": torch.randn(3, 6, 16).numpy()} for _ in range(4)]
+    report = quantize_onnx(float_path, int8_path, feeds, [])
+    assert report.quantized == 2 and report.calibration_batches == 4
+    graph = onnx.load(int8_path).graph
+    made_by = {o: n for n in graph.node for o in n.output}
+    gemms = [n for n in graph.node if n.op_type == "Gemm"]
+    matmuls = [n for n in graph.node if n.op_type == "MatMul"]
+    assert len(gemms) == 2 and len(matmuls) == 2 and "Add" not in {n.op_type for n in graph.node}
+    assert all(made_by[n.input[0]].op_type == "DequantizeLinear" for n in gemms)
+    assert not any(n.op_type == "QuantizeLinear" and made_by.get(n.input[0]) in gemms for n in graph.node)
+    assert not any(made_by.get(i) is not None and made_by[i].op_type == "DequantizeLinear"
+                   for n in matmuls for i in n.input)
+    x = feeds[0]["x"]
+    (exact,) = open_session(float_path, torch.device("cpu")).run(None, {"x": x})
+    (y,) = open_session(int8_path, torch.device("cpu")).run(None, {"x": x})
+    assert 0 < np.abs(y - exact).max() < 0.05 * np.abs(exact).max()
 
 
 # ---------------------------------------------------------------------------------------------- slow
