@@ -124,6 +124,8 @@ CASES = [
     (["model=mask_gdino"], "export.input_width=0", "export.input_width=0 must be >= 32."),
     ([], "export.batch_size=-2", "export.batch_size=-2 must be -1 (dynamic) or >= 1."),
     ([], "export.opset_version=13", "export.opset_version=13 must be >= 16."),
+    ([], "export.deform_attn_impl=pallas", "export.deform_attn_impl='pallas' must be one of grid_sample, "
+                                                  "gather_matmul."),
     # action=visualize
     # gen_trt_engine (action=trt)
     (["action=trt"], "gen_trt_engine.tensorrt.data_type=int4",

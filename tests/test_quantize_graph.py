@@ -87,6 +87,28 @@ def test_the_reader_replays_its_feeds_for_modelopt():
         FeedReader(iter(())).get_first()
 
 
+
+def test_modelopts_patches_of_onnxruntime_quantization_are_undone():
+    """ModelOpt's quantize() patches onnxruntime.quantization for the whole process; afterwards ORT static PTQ in
+    the same process (quantize.backend=onnxruntime) failed with "Quantization parameters are not specified"."""
+    import onnxruntime.quantization.calibrate as calibrate
+    from onnxruntime.quantization.registry import QDQRegistry
+
+    from groundlab.deploy.modelopt_onnx_quantize import _onnxruntime_quantization_kept
+
+    def state():
+        return (calibrate.CalibraterBase.select_tensors_to_calibrate, calibrate.CalibraterBase.__init__,
+                calibrate.MinMaxCalibrater.collect_data, calibrate.create_calibrator, dict(QDQRegistry))
+
+    before = state()
+    with _onnxruntime_quantization_kept():
+        from modelopt.onnx.quantization.ort_patching import patch_ort_modules
+
+        patch_ort_modules(False)  # what modelopt.onnx.quantization.quantize() does
+        QDQRegistry.pop("Concat", None)
+        assert state() != before
+    assert state() == before
+
 def test_onnx_runtime_runs_an_fp8_qdq_graph_on_the_cpu(tmp_path):
     """The CPU's Q/DQ fusions take integer types only (MatMulIntegerToFloat refuses float8 at session creation):
     the backend's session runs an FP8 graph unfused, as fake quantization."""

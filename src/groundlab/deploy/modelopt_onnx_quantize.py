@@ -27,6 +27,7 @@ import contextlib
 import fnmatch
 import io
 import logging
+import sys
 import time
 import traceback
 import warnings
@@ -114,6 +115,44 @@ def _to_log_file(log_file: str):
             f.writelines(line for line in printed.getvalue().splitlines(True) if "[modelopt][onnx]" not in line)
 
 
+@contextlib.contextmanager
+def _onnxruntime_quantization_kept():
+    """Undo, on the way out, what ModelOpt changes in onnxruntime.quantization: its quantize() replaces methods of
+    ORT's calibrators and quantizers and edits ORT's op registries for the whole process (ort_patching.py, "to fix
+    bugs"), after which quantize.backend=onnxruntime in the same process calibrates the wrong tensors and fails.
+    Module attributes, the methods of ORT's own classes and the registry dicts are put back as they were."""
+    import onnxruntime.quantization.base_quantizer  # noqa: F401  (the modules ModelOpt patches, loaded first)
+    import onnxruntime.quantization.calibrate  # noqa: F401
+    import onnxruntime.quantization.qdq_quantizer  # noqa: F401
+    import onnxruntime.quantization.registry  # noqa: F401
+
+    modules = [m for name, m in list(sys.modules.items())
+               if m is not None and (name == "onnxruntime.quantization" or name.startswith("onnxruntime.quantization."))]
+    saved_modules = {m: dict(vars(m)) for m in modules}
+    classes = {v for m in modules for v in vars(m).values()
+               if isinstance(v, type) and getattr(v, "__module__", "").startswith("onnxruntime.quantization")}
+    saved_classes = {c: dict(vars(c)) for c in classes}
+    saved_dicts = {id(v): (v, dict(v)) for m in modules for v in vars(m).values() if type(v) is dict}
+    try:
+        yield
+    finally:
+        for m, attrs in saved_modules.items():
+            for name in set(vars(m)) - set(attrs):
+                delattr(m, name)
+            for name, value in attrs.items():
+                if vars(m).get(name) is not value:
+                    setattr(m, name, value)
+        for c, attrs in saved_classes.items():
+            for name in set(vars(c)) - set(attrs):
+                delattr(c, name)
+            for name, value in attrs.items():
+                if name not in ("__dict__", "__weakref__", "__doc__") and vars(c).get(name) is not value:
+                    setattr(c, name, value)
+        for d, items in saved_dicts.values():
+            d.clear()
+            d.update(items)
+
+
 def quantize_graph(float_path: str, out_path: str, feeds: Iterable[Feed], config: Settings,
                    skip_names: Sequence[str]) -> QuantReport:
     """Write ModelOpt's Q/DQ graph of `float_path` to `out_path` (opset >= 19, the float graph's inputs and
@@ -126,7 +165,7 @@ def quantize_graph(float_path: str, out_path: str, feeds: Iterable[Feed], config
     reader.get_first()  # no calibration image is a sentence now, not a failure deep inside ModelOpt
     start = time.perf_counter()
     try:
-        with _to_log_file(log_file):
+        with _to_log_file(log_file), _onnxruntime_quantization_kept():
             from modelopt.onnx.quantization import quantize
 
             quantize(float_path, quantize_mode=config.mode, calibration_data_reader=reader,
