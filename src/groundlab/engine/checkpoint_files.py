@@ -34,7 +34,9 @@ class GroundlabCheckpoint(Checkpoint):
         name = f"model_epoch_{epoch:03d}_step_{trainer.global_step:05d}.pth"
         final = os.path.join(self.run_dir, name)
         tmp = final + ".tmp"
-        trainer.save_checkpoint(tmp)  # collective: every rank calls it; rank 0 writes
+        # collective: every rank calls it; rank 0 writes. weights_only=False: the whole training state (optimizer,
+        # loops, sampler) for a resume, said explicitly so Lightning does not log that it assumed so
+        trainer.save_checkpoint(tmp, weights_only=False)
         if trainer.is_global_zero:
             os.replace(tmp, final)
             latest = latest_path(self.run_dir, self.model_name)
