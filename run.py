@@ -34,7 +34,12 @@ def main(cfg: DictConfig) -> Optional[float]:
     from groundlab.runner import monitored, run_action
 
     try:
-        return monitored(cfg, run_action(cfg))
+        value = monitored(cfg, run_action(cfg))
+        if _in_sweep():  # the sweep's table reads it where the trial ran in another process (submitit)
+            from groundlab.sweep_report import record_trial_result
+
+            record_trial_result(HydraConfig.get().runtime.output_dir, value)
+        return value
     except Exception as err:
         user = isinstance(err, UserError)  # data, config or file errors: the sentence says what to fix
         kind = "config error" if type(err).__name__ == "ConfigError" else "error"

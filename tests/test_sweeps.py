@@ -5,9 +5,12 @@ study as failed, in a shared database)."""
 from __future__ import annotations
 
 import csv
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -55,3 +58,78 @@ def test_optuna_sweep_marks_a_failed_trial_failed_in_its_shared_study(tmp_path):
     assert ok["status"] == "ok" and 0.0 <= float(ok["value"]) <= 1.0
     assert os.path.isfile(os.path.join(ok["dir"], "resolved_config.yaml"))
     assert f"best: trial {ok['trial']}" in proc.stdout and (sweep / "optimization_results.yaml").exists()
+
+
+def _states(storage_file) -> list:
+    """The study's trial states, read straight from its sqlite file (cheap enough to poll)."""
+    import sqlite3
+
+    try:
+        with sqlite3.connect(f"file:{storage_file}?mode=ro", uri=True, timeout=1) as db:
+            return [row[0] for row in db.execute("SELECT state FROM trials ORDER BY trial_id")]
+    except sqlite3.Error:  # not created yet, or being written
+        return []
+
+
+@pytest.mark.slow
+def test_a_killed_optuna_sweep_resumes_its_study(tmp_path):
+    """hydra.sweeper.n_trials is the shared study's total: a sweep killed in its second trial, given again, runs
+    the interrupted trial's parameters again first, then the one trial still missing; the study ends with three
+    complete trials and the interrupted one marked failed and `interrupted`."""
+    import optuna
+
+    db = tmp_path / "study.db"
+    args = [sys.executable, str(REPO / "run.py"), "-m", "hydra/sweeper=groundlab_optuna", "action=visualize",
+            *SMALL_SYNTHETIC, "dataset.synthetic.num_train=60", "action.num_images=choice(20,30,40)",
+            "monitor=images", "hydra.sweeper.direction=maximize", "hydra.sweeper.n_trials=3",
+            "hydra.sweeper.sampler.seed=0", "hydra.sweeper.study_name=resumed", f"hydra.sweeper.storage=sqlite:///{db}"]
+    first = subprocess.Popen([*args, f"hydra.sweep.dir={tmp_path / 'first'}"], cwd=REPO, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while _states(db) != ["COMPLETE", "RUNNING"]:
+        assert first.poll() is None and time.time() < deadline, f"the sweep ended first: {_states(db)}"
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    study = optuna.load_study(study_name="resumed", storage=f"sqlite:///{db}")
+    interrupted = study.trials[1].params
+
+    proc = _run(*args[3:], f"hydra.sweep.dir={tmp_path / 'second'}")
+    assert "1 of 3 trials finished, 1 interrupted (tried again first); running 2" in proc.stdout + proc.stderr
+    trials = optuna.load_study(study_name="resumed", storage=f"sqlite:///{db}").trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    assert trials[1].user_attrs["interrupted"] and trials[2].params == interrupted  # retried first
+    rows = list(csv.DictReader(open(tmp_path / "second" / "sweep_results.csv")))
+    assert len(rows) == 2 and all(r["status"] == "ok" for r in rows)
+
+
+@pytest.mark.slow
+def test_a_sweep_on_submitits_local_executor_ends_with_its_table(tmp_path):
+    """hydra/launcher=submitit_local runs each trial as a submitit job in its own process (as submitit_slurm does
+    on a cluster), where the sweep's callbacks do not run: the table is read back from the trial dirs."""
+    sweep = tmp_path / "sweep"
+    proc = _run("hydra/launcher=submitit_local", "action=visualize", *SMALL_SYNTHETIC, "action.num_images=-1,2",
+                "monitor=images", f"hydra.sweep.dir={sweep}")
+    rows = list(csv.DictReader(open(sweep / "sweep_results.csv")))
+    assert [r["status"] for r in rows] == ["failed: config error: invalid config: action.num_images=-1 must be >= 0.",
+                                           "ok"]
+    assert float(rows[1]["value"]) == 2.0 and "best: trial 1 images=2.0000" in proc.stdout
+    # it ran as a submitit job, not in the sweep's process; each job has its submitit log
+    assert json.loads((sweep / "1" / "run_info.json").read_text())["command"][1].endswith("submitit/core/_submit.py")
+    assert len(list((sweep / ".submitit").glob("*/*_log.out"))) == 2
+
+
+def test_the_slurm_launcher_is_sized_from_the_training_settings():
+    from groundlab.config.compose import compose_config
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    compose_config([])  # registers the schemas
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", return_hydra_config=True, overrides=[
+            "hydra/launcher=groundlab_slurm", "action=train", "train.num_gpus=4", "train.num_nodes=2",
+            "hydra.launcher.partition=gpu"])
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
+    assert launcher["_target_"].endswith("SlurmLauncher")
+    assert (cfg.hydra.launcher.nodes, cfg.hydra.launcher.tasks_per_node, cfg.hydra.launcher.gpus_per_node) == (2, 4, 4)
+    assert cfg.hydra.launcher.partition == "gpu" and cfg.hydra.launcher.max_num_timeout == 3

@@ -5,7 +5,12 @@ and the Optuna sweeper alike; no heavy imports.
 A trial that fails (a bad hyperparameter, a NaN stop, out of memory) does not end the sweep: run.py records
 its one-sentence reason in `<trial dir>/trial_failed.json` (`record_failed_trial`) and returns no value, which
 the Optuna sweeper tells its study as a failed trial (a NaN would make it raise); the other trials go on and the
-table lists the failed one with its reason."""
+table lists the failed one with its reason.
+
+Where the trials run in other processes (hydra/launcher=submitit_slurm or submitit_local: each job's callbacks run
+in its own process), the table is read back from the trial dirs at the end: Hydra's `.hydra/overrides.yaml`, and
+run.py's `trial_result.json` (`record_trial_result`) or `trial_failed.json`; a trial dir with neither is a job
+that ended without a word (killed, out of memory, a SLURM time limit)."""
 
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from omegaconf import DictConfig
 
 
 FAILED_FILE = "trial_failed.json"
+RESULT_FILE = "trial_result.json"
 
 
 def record_failed_trial(trial_dir: str, reason: str) -> None:
@@ -28,6 +34,13 @@ def record_failed_trial(trial_dir: str, reason: str) -> None:
     os.makedirs(trial_dir, exist_ok=True)
     with open(os.path.join(trial_dir, FAILED_FILE), "w") as f:
         json.dump({"reason": reason}, f)
+
+
+def record_trial_result(trial_dir: str, value: Optional[float]) -> None:
+    """Write the trial's monitored value (None: the action gave no metric) to its trial_result.json."""
+    os.makedirs(trial_dir, exist_ok=True)
+    with open(os.path.join(trial_dir, RESULT_FILE), "w") as f:
+        json.dump({"value": value}, f)
 
 
 def failed_reason(trial_dir: str) -> Optional[str]:
@@ -60,6 +73,8 @@ class SweepReport(Callback):
         })
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if not self.trials:  # the jobs ran in other processes (a submitit launcher): read their dirs
+            self.trials = trials_in(config.hydra.sweep.dir, _direction(config))
         if not self.trials:
             return
         metric = config.get("monitor") or "return value"
@@ -85,6 +100,31 @@ class SweepReport(Callback):
             writer = csv.DictWriter(f, fieldnames=["trial", "value", "status", "overrides", "dir"], extrasaction="ignore")
             writer.writeheader()
             writer.writerows(self.trials)
+
+
+def trials_in(sweep_dir: str, direction: str) -> List[Dict[str, Any]]:
+    """The table's rows from the trial dirs `<sweep_dir>/<n>/` that Hydra wrote (.hydra/overrides.yaml), by n."""
+    import yaml
+
+    rows = []
+    numbered = [d for d in os.listdir(sweep_dir) if d.isdigit()] if os.path.isdir(sweep_dir) else []
+    for name in sorted(numbered, key=int):
+        trial_dir = os.path.join(sweep_dir, name)
+        overrides_file = os.path.join(trial_dir, ".hydra", "overrides.yaml")
+        if not os.path.isfile(overrides_file):
+            continue
+        with open(overrides_file) as f:
+            overrides = yaml.safe_load(f) or []
+        reason, value, status = failed_reason(trial_dir), None, "no result: the job ended without one (killed?)"
+        if reason is not None:
+            status = f"failed: {reason}"
+        elif os.path.isfile(os.path.join(trial_dir, RESULT_FILE)):
+            with open(os.path.join(trial_dir, RESULT_FILE)) as f:
+                value = json.load(f)["value"]
+            status = "ok" if value is not None else "no metric"
+        rows.append({"trial": int(name), "overrides": " ".join(overrides), "value": value, "status": status,
+                     "dir": trial_dir, "direction": direction})
+    return rows
 
 
 def _direction(config: DictConfig) -> str:
