@@ -80,17 +80,18 @@ def test_a_killed_optuna_sweep_resumes_its_study(tmp_path):
 
     db = tmp_path / "study.db"
     args = [sys.executable, str(REPO / "run.py"), "-m", "hydra/sweeper=groundlab_optuna", "action=visualize",
-            *SMALL_SYNTHETIC, "dataset.synthetic.num_train=60", "action.num_images=choice(20,30,40)",
-            "monitor=images", "hydra.sweeper.direction=maximize", "hydra.sweeper.n_trials=3",
+            *SMALL_SYNTHETIC, "dataset.synthetic.num_train=80", "action.num_images=choice(40,60,80)",
+            "monitor=images", "hydra.sweeper.direction=maximize", "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=1",
             "hydra.sweeper.sampler.seed=0", "hydra.sweeper.study_name=resumed", f"hydra.sweeper.storage=sqlite:///{db}"]
     first = subprocess.Popen([*args, f"hydra.sweep.dir={tmp_path / 'first'}"], cwd=REPO, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while _states(db) != ["COMPLETE", "RUNNING"]:
+    while not (tmp_path / "first" / "1").is_dir():  # the second trial started (a trial renders for seconds)
         assert first.poll() is None and time.time() < deadline, f"the sweep ended first: {_states(db)}"
-        time.sleep(0.05)
+        time.sleep(0.02)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
+    assert _states(db) == ["COMPLETE", "RUNNING"]
     study = optuna.load_study(study_name="resumed", storage=f"sqlite:///{db}")
     interrupted = study.trials[1].params
 
