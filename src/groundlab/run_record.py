@@ -1,5 +1,10 @@
 """What every run leaves in its output dir so the same command reproduces it: the resolved config,
-the git commit (and whether the tree was dirty), the versions of the packages that matter, the seed."""
+the git commit (and whether the tree was dirty), the versions of the packages that matter, the seed.
+
+A URI in the config or the command (an s3:// / https:// data or checkpoint path) is recorded without its user info
+and query string (`groundlab.io.remote_files.redact`): credentials and presigned signatures never reach the run dir.
+Hydra's own copies (`.hydra/config.yaml`, `overrides.yaml`, `hydra.yaml`, written before the run starts) are
+rewritten the same way."""
 
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ from importlib import metadata
 from typing import Dict, Optional
 
 from omegaconf import DictConfig, OmegaConf
+
+from groundlab.io.remote_files import redact
 
 PACKAGES = (
     "groundlab", "torch", "transformers", "tokenizers", "hydra-core", "omegaconf", "lightning",
@@ -49,10 +56,10 @@ def write_run_record(cfg: DictConfig) -> str:
     out = cfg.results_dir
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "resolved_config.yaml"), "w") as f:
-        f.write(OmegaConf.to_yaml(cfg, resolve=True))
+        f.write(redact(OmegaConf.to_yaml(cfg, resolve=True)))
     info = {
         "seed": cfg.seed,
-        "command": [sys.executable, *sys.argv],
+        "command": [redact(a) for a in (sys.executable, *sys.argv)],
         "git": git_state(os.path.dirname(os.path.abspath(__file__))),
         "packages": package_versions(),
         "python": platform.python_version(),
@@ -60,4 +67,21 @@ def write_run_record(cfg: DictConfig) -> str:
     }
     with open(os.path.join(out, "run_info.json"), "w") as f:
         json.dump(info, f, indent=2)
+    _redact_hydra_files(os.path.join(out, ".hydra"))
     return out
+
+
+def _redact_hydra_files(folder: str) -> None:
+    """Rewrite Hydra's saved config files in `folder` where they hold a URI with credentials or a signature."""
+    if not os.path.isdir(folder):
+        return
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if not name.endswith(".yaml") or not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            text = f.read()
+        clean = redact(text)
+        if clean != text:
+            with open(path, "w") as f:
+                f.write(clean)

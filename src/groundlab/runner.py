@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from groundlab.config import ConfigError, check_config
 from groundlab.console import quiet_libraries
+from groundlab.io.remote_files import use_cache_dir
 from groundlab.recipes import check_recipe, get_recipe
 from groundlab.run_record import write_run_record
 
@@ -27,6 +28,7 @@ def run_action(cfg: DictConfig) -> Dict[str, float]:
 
     quiet_libraries()
     torch.manual_seed(cfg.seed)
+    use_cache_dir(cfg.cache_dir)  # s3:// / https:// checkpoints fetched by model loaders go to the run's cache
     record = write_run_record(cfg)
     log.info("run dir: %s", record)
     metrics = action(cfg) or {}

@@ -37,6 +37,7 @@ from groundlab.data.transforms import Compose, FixedResize, Normalize
 from groundlab.deploy.onnx_export import check_simplifier, export_gdino, graph_info
 from groundlab.deploy.onnx_verify import check_graph
 from groundlab.engine.run_dirs import chained_file, exported_onnx
+from groundlab.io.remote_files import local_path
 from groundlab.models.gdino.build import BuiltModel, build_gdino
 from groundlab.predict.graph_contract import graph_tokens
 from groundlab.text.captions import chunk_class_prompts, class_prompt
@@ -90,7 +91,7 @@ def export_checkpoint(cfg: DictConfig, checkpoint: str, onnx_file: str, model: O
     graph against PyTorch (module doc). Returns the `max_abs_diff_<output>` metrics ({} without verify)."""
     ex = cfg.export
     check_simplifier(ex.simplify)
-    built = build_gdino(cfg.model, checkpoint)
+    built = build_gdino(cfg.model, local_path(checkpoint, cfg.cache_dir, "export.checkpoint"))
     _check_model(cfg, built, checkpoint)
     model = (model if model is not None else built.model).eval()
     H, W = int(ex.input_height), int(ex.input_width)

@@ -43,6 +43,7 @@ from groundlab.deploy.mask_overlay import draw_expression_banner, draw_masked_de
 from groundlab.deploy.writers import CocoResultsWriter, draw_detections, write_kitti
 from groundlab.engine.devices import run_device
 from groundlab.engine.run_dirs import chained_settings
+from groundlab.io.remote_files import local_path
 from groundlab.predict.backends import choose_backend, open_predictor, predictor_transforms
 
 log = logging.getLogger(__name__)
@@ -55,16 +56,19 @@ def inference_inputs(cfg: DictConfig) -> Tuple[list, List[InferItem], Optional[L
     src = cfg.dataset.infer_data_sources
     cache = os.path.expanduser(cfg.cache_dir)
     resolved = resolve_sources(cfg.dataset, cache)["infer"]
+    # remote (s3:// / https://) files are fetched into the cache here; image_dir archives in open_sources
+    json_file = local_path(resolved.get("json_file"), cache, "dataset.infer_data_sources.json_file")
     if resolved.get("data_type") == "VG":  # an expression per line; images beside the jsonl unless image_dir says
-        dirs = list(resolved.get("image_dir") or []) or [os.path.dirname(os.path.abspath(resolved["json_file"]))]
+        dirs = list(resolved.get("image_dir") or []) or [os.path.dirname(os.path.abspath(json_file))]
         sources = open_sources(dirs, cache)
-        return sources, read_coco_raw(resolved["json_file"], sources, cfg.dataset.skip_missing_images, "VG"), None
+        return sources, read_coco_raw(json_file, sources, cfg.dataset.skip_missing_images, "VG"), None
     if src.image_dir:
         # a classmap is read before the images open (an archive may take a while to decompress)
-        names = read_classmap(src.classmap) if src.classmap else [str(c) for c in src.captions]
+        classmap = local_path(src.classmap, cache, "dataset.infer_data_sources.classmap")
+        names = read_classmap(classmap) if classmap else [str(c) for c in src.captions]
         sources = open_sources(list(src.image_dir), cache)
-        if src.json_file:
-            return sources, read_coco_raw(src.json_file, sources, cfg.dataset.skip_missing_images), None
+        if json_file:
+            return sources, read_coco_raw(json_file, sources, cfg.dataset.skip_missing_images), None
         if not names:
             raise ConfigError("dataset.infer_data_sources.captions or .classmap (class names) or .json_file "
                               "(coco_raw captions per image) is needed with dataset.infer_data_sources.image_dir.")

@@ -27,6 +27,7 @@ from groundlab.engine.devices import run_device
 from groundlab.engine.run_dirs import chained_settings
 from groundlab.eval.mask_miou import MaskIoUMeter
 from groundlab.eval.mask_miou import score_batch
+from groundlab.io.remote_files import local_path, redact
 from groundlab.predict.mal import MALPredictor
 
 log = logging.getLogger(__name__)
@@ -35,13 +36,14 @@ log = logging.getLogger(__name__)
 def load_predictor(cfg: DictConfig, options: DictConfig) -> MALPredictor:
     """The MAL predictor of `options.checkpoint` (evaluate / inference settings: teacher, mixed, flip, device);
     dataset.crop_size is for training, so another value there is reported, not used."""
+    checkpoint = local_path(options.checkpoint, cfg.cache_dir, f"{cfg.action.name}.checkpoint")  # s3:// etc.
     try:
-        predictor = MALPredictor.from_checkpoint(options.checkpoint, cfg.model.mask_thres,
+        predictor = MALPredictor.from_checkpoint(checkpoint, cfg.model.mask_thres,
                                                  run_device(options.num_gpus, options.gpu_ids),
                                                  options.use_teacher_test, options.use_mixed_model_test,
                                                  options.use_flip_test)
     except (ValueError, FileNotFoundError) as e:
-        raise ConfigError(f"evaluate/inference checkpoint {options.checkpoint!r}: {e}") from None
+        raise ConfigError(f"evaluate/inference checkpoint {redact(options.checkpoint)!r}: {e}") from None
     if cfg.dataset.crop_size != predictor.crop_size:
         log.info("crops at the checkpoint's crop size %d (dataset.crop_size=%d applies to training)",
                  predictor.crop_size, cfg.dataset.crop_size)

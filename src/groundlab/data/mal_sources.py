@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 from groundlab.data.mal_instances import read_mal_instances
 from groundlab.data.sources import open_images, synthetic_paths
 from groundlab.errors import DataError
+from groundlab.io.remote_files import local_path
 
 
 def mal_paths(cfg: DictConfig) -> Dict[str, str]:
@@ -29,6 +30,7 @@ def read_split(cfg: DictConfig, ann: str, img: str, key: str, train: bool) -> tu
     d = cfg.dataset
     if not ann:
         raise DataError(f"dataset.{key}_ann_path is empty")
+    ann = local_path(ann, cfg.cache_dir, f"dataset.{key}_ann_path")  # an s3:// / https:// json is fetched once
     source = open_images(img, f"dataset.{key}_img_dir", cfg.cache_dir)
     if train:
         inst = read_mal_instances(ann, source, d.min_obj_size, d.max_obj_size, skip_missing=d.skip_missing_images)

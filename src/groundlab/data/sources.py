@@ -1,7 +1,9 @@
 """From the `dataset` config to annotated sources: the synthetic dataset is generated (once) and
 its files filled in; each data source's annotation format follows its file (`.jsonl` ODVG, `.json` COCO).
 Image folders and archives of every model open through `open_images`, so a `.tar.gz` is decompressed once
-into the one archive cache (`image_source.archive_cache_root`), whichever model reads it."""
+into the one archive cache (`image_source.archive_cache_root`), whichever model reads it. Any of a source's
+files (image_dir, json_file, label_map) may be an s3:// / gs:// / https:// URI: it is fetched once into the cache
+(`groundlab.io.remote_files`) and read as the local file it becomes."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from groundlab.data.grounding_dataset import AnnotatedSource
 from groundlab.data.image_source import ImageSource, ImageSourceError, open_image_source
 from groundlab.data.odvg import read_odvg
 from groundlab.data.synthetic import SyntheticPaths, SyntheticSpec, ensure_synthetic
+from groundlab.io.remote_files import local_path
 
 
 def synthetic_spec(cfg: DictConfig) -> SyntheticSpec:
@@ -31,7 +34,8 @@ def synthetic_paths(dataset: DictConfig, cache_dir: str) -> SyntheticPaths:
 
 
 def open_images(path: str, key: str, cache_dir: Optional[str]) -> ImageSource:
-    """The image folder or `.tar`/`.tar.gz` archive at `path` (`~` expanded), for any model and action.
+    """The image folder or `.tar`/`.tar.gz` archive at `path` (`~` expanded; an archive may be a remote URI,
+    fetched into the cache as the archive it is), for any model and action.
 
     `cache_dir` is groundlab's cache (the config's `cache_dir`), never a sub-folder: archives are
     decompressed under `archive_cache_root(cache_dir)`. `key` is the config key that named `path`
@@ -39,7 +43,7 @@ def open_images(path: str, key: str, cache_dir: Optional[str]) -> ImageSource:
     if not path:
         raise DataError(f"{key} is empty: give the image folder or .tar/.tar.gz")
     try:
-        return open_image_source(os.path.expanduser(path), cache_dir=cache_dir)
+        return open_image_source(os.path.expanduser(local_path(path, cache_dir, key)), cache_dir=cache_dir)
     except ImageSourceError as err:
         raise DataError(f"{key}: {err}") from None
 
@@ -80,8 +84,9 @@ def resolve_sources(dataset: DictConfig, cache_dir: str) -> Dict[str, Any]:
 def load_source(source: Dict[str, Any], key: str, cache_dir: str, skip_missing: bool = False,
                 use_masks: bool = True) -> AnnotatedSource:
     """Read one source's annotations, checking every image exists. `key` is the config key that named it
-    (e.g. "dataset.train_data_sources[0]") so a bad path is reported where the user wrote it."""
-    json_file = source.get("json_file") or ""
+    (e.g. "dataset.train_data_sources[0]") so a bad path is reported where the user wrote it. Remote files
+    are fetched here, when the split is read, not when the config names them."""
+    json_file = local_path(source.get("json_file") or "", cache_dir, f"{key}.json_file")
     if not json_file or not os.path.isfile(json_file):
         raise DataError(f"{key}.json_file={json_file!r} is not a file")
     data_type = source.get("data_type") or "OD"
@@ -90,7 +95,8 @@ def load_source(source: Dict[str, Any], key: str, cache_dir: str, skip_missing: 
                         f"{key}.json_file={json_file!r} is not one")
     images = open_images(source.get("image_dir") or "", f"{key}.image_dir", cache_dir)
     if json_file.endswith(".jsonl"):
-        records, names, _ = read_odvg(json_file, source.get("label_map"), images, skip_missing, data_type)
+        label_map = local_path(source.get("label_map"), cache_dir, f"{key}.label_map")
+        records, names, _ = read_odvg(json_file, label_map, images, skip_missing, data_type)
         return AnnotatedSource(json_file, records, images, names, data_type=data_type)
     if json_file.endswith(".json"):
         records, names, cat_ids, _ = read_coco(json_file, images, skip_missing, use_masks)

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from groundlab.data.bad_images import log_skipped
 from groundlab.data.collate import unpadded_sizes
+from groundlab.io.remote_files import local_path
 from groundlab.engine.module_base import GroundlabModule
 from groundlab.eval.coco_eval import CocoEvaluator
 from groundlab.eval.referring_metrics import ReferringMetrics
@@ -40,7 +41,8 @@ class GDinoLightning(GroundlabModule):
         self.dm = datamodule
         self.model = build_gdino(cfg.model).model
         if cfg.train.pretrained_model_path:
-            log.info(load_weights(self.model, cfg.train.pretrained_model_path).summary())
+            path = local_path(cfg.train.pretrained_model_path, cfg.cache_dir, "train.pretrained_model_path")
+            log.info(load_weights(self.model, path).summary())
         self.model.train()  # from_pretrained() hands over the text encoder in eval mode
         self._freeze(cfg.train.freeze)
         self.model.set_activation_checkpointing(bool(cfg.train.activation_checkpoint))

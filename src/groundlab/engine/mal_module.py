@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig
 
 from groundlab.data.bad_images import log_skipped
+from groundlab.io.remote_files import local_path
 from groundlab.engine.module_base import GroundlabModule
 from groundlab.eval.mask_miou import MaskIoUMeter, score_batch
 from groundlab.models.checkpoint import load_checkpoint
@@ -44,10 +45,12 @@ class MALLightning(GroundlabModule):
         self.class_names, self.category_ids = list(class_names), list(category_ids)
         self.student = build_mal_network(cfg.model, cfg.dataset.crop_size)
         if cfg.model.pretrained_path:
-            log.info(load_mae_weights(self.student.backbone, cfg.model.pretrained_path).summary())
+            path = local_path(cfg.model.pretrained_path, cfg.cache_dir, "model.pretrained_path")
+            log.info(load_mae_weights(self.student.backbone, path).summary())
         self.teacher = copy.deepcopy(self.student)
         if cfg.train.pretrained_model_path:  # a MAL checkpoint: both networks start from it
-            ckpt = load_checkpoint(cfg.train.pretrained_model_path)
+            ckpt = load_checkpoint(local_path(cfg.train.pretrained_model_path, cfg.cache_dir,
+                                              "train.pretrained_model_path"))
             self.student.load_state_dict(network_state(ckpt, "student"))
             self.teacher.load_state_dict(network_state(ckpt, "teacher"))
         for p in self.teacher.parameters():

@@ -32,6 +32,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from groundlab.errors import DataError
+from groundlab.io.remote_files import redact
 from groundlab.ops.atomic_write import atomic_write_text
 from groundlab.ops.masks import check_segmentation, encode_masks
 
@@ -313,12 +314,13 @@ def write_results_json(path: str, metrics: Mapping[str, Any], extra: Optional[Ma
     """Write {"metrics": metrics, **extra} as json atomically (temp file + os.replace); returns the path.
 
     `path` is the file, or an existing folder to write results.json into. nan/inf become null and numpy
-    scalars plain numbers; int dict keys (per_class_AP_by_id) become strings, as json requires."""
+    scalars plain numbers; int dict keys (per_class_AP_by_id) become strings, as json requires. A URI recorded
+    (the checkpoint evaluated) loses its user info and query string (credentials, signatures)."""
     if os.path.isdir(path):
         path = os.path.join(path, "results.json")
     payload: Dict[str, Any] = dict(extra or {})
     if "metrics" in payload:
         raise ValueError("extra must not have a 'metrics' key")
     payload["metrics"] = metrics
-    text = json.dumps(_nan_to_none(payload), indent=2, allow_nan=False)
+    text = redact(json.dumps(_nan_to_none(payload), indent=2, allow_nan=False))
     return atomic_write_text(path, text)

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from groundlab.io.remote_files import local_path, redact
 from groundlab.ops.atomic_write import atomic_write
 
 FORMAT = "groundlab"
@@ -41,9 +42,11 @@ def is_groundlab_checkpoint(obj: Any) -> bool:
     return isinstance(obj, dict) and obj.get("format") == FORMAT
 
 
-def load_checkpoint(path: str) -> Dict[str, Any]:
-    """The checkpoint dict (see module doc). Raises ValueError naming the file if it is not one of ours."""
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+def load_checkpoint(path: str, key: str = "checkpoint") -> Dict[str, Any]:
+    """The checkpoint dict (see module doc) of a file or an s3:// / gs:// / https:// URI (fetched once into the
+    cache; `key` names the config key in messages). Raises ValueError naming the file if it is not one of ours."""
+    obj = torch.load(local_path(path, key=key), map_location="cpu", weights_only=True)
+    path = redact(path)
     if not is_groundlab_checkpoint(obj):
         raise ValueError(f"{path}: not a groundlab checkpoint (no 'format': 'groundlab' entry)")
     if obj.get("version", 0) > VERSION:

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from groundlab.config import ConfigError
 from groundlab.data.transforms import Compose, build_eval_transforms
+from groundlab.io.remote_files import local_path
 from groundlab.predict.gdino import GDinoPredictor
 from groundlab.text.tokenizer import load_tokenizer
 
@@ -68,8 +69,10 @@ def choose_backend(settings: DictConfig, prefix: str) -> Tuple[str, str]:
 
 
 def open_predictor(model_cfg: DictConfig, settings: DictConfig, prefix: str, device: torch.device) -> GDinoPredictor:
-    """The predictor of the file `settings` names, on `device`."""
+    """The predictor of the file `settings` names, on `device`; a file given as an s3:// / gs:// / https:// URI is
+    fetched once into the cache (the run's cache_dir) first."""
     backend, path = choose_backend(settings, prefix)
+    path = local_path(path, key=f"{prefix}.{FILE_KEYS[backend]}")
     if backend == "torch":
         return GDinoPredictor.from_checkpoint(model_cfg, path, device)
     net = BACKENDS[backend](path, device, model_cfg)

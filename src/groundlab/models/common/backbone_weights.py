@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from groundlab.errors import UserError
+from groundlab.io.remote_files import local_path
 from groundlab.models.common.key_templates import describe_mismatch, unwrap_checkpoint
 from groundlab.models.common.swin_keys import idea_swin_to_hf, normalize_hf_swin
 
@@ -76,6 +77,7 @@ def to_backbone_keys(sd: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor]) 
 def load_backbone_weights(body: nn.Module, path: str) -> List[str]:
     """Load into `body`; returns the keys initialised fresh (output norms). Raises BackboneWeightError."""
     own = body.state_dict()
+    path = local_path(path, key="model.pretrained_backbone_path")  # an s3:// / https:// file: fetched once
     state, unused = to_backbone_keys(read_backbone_state(os.path.expanduser(path)), own)
     fresh_ok = re.compile(r"^(hidden_states_norms\.|swin\.layernorm\.)")
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from groundlab.config import ConfigError
 from groundlab.config.schema_model import GDinoModelConfig
 from groundlab.errors import MissingFile
+from groundlab.io.remote_files import local_path
 from groundlab.models.checkpoint import is_groundlab_checkpoint, save_checkpoint
 from groundlab.models.gdino.criterion import SetCriterion, build_criterion
 from groundlab.models.gdino.model import GroundingDINO
@@ -84,10 +85,11 @@ def phrase_delimiters(model_cfg: DictConfig) -> List[int]:
 
 def build_gdino(model_cfg: DictConfig, checkpoint: Optional[str] = None) -> BuiltModel:
     """The model of `model_cfg` with random weights, or of `checkpoint`:
-    groundlab .pth -> its stored config; HF directory -> its config.json; IDEA or TAO .pth -> `model_cfg`."""
+    groundlab .pth -> its stored config; HF directory -> its config.json; IDEA or TAO .pth -> `model_cfg`.
+    A file may be an s3:// / gs:// / https:// URI, fetched once into the cache (not an HF directory)."""
     if checkpoint is None:
         return BuiltModel(network(model_cfg), model_cfg, None, None)
-    path = os.path.expanduser(checkpoint)
+    path = os.path.expanduser(local_path(checkpoint, key="checkpoint"))
     if os.path.isdir(path) and hf_weights_file(path) and os.path.isfile(os.path.join(path, "config.json")):
         cfg = typed_model_config(model_config_from_hf(path))
         from transformers import BertModel

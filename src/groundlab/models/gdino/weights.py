@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from groundlab.errors import UserError
+from groundlab.io.remote_files import local_path
 from groundlab.models.checkpoint import is_groundlab_checkpoint
 from groundlab.models.gdino import weight_keys as W
 
@@ -154,7 +155,9 @@ def load_state(model: nn.Module, state: Dict[str, torch.Tensor], path: str, sour
 
 
 def load_weights(model: nn.Module, path: str) -> LoadReport:
-    """Load a groundlab, HF, IDEA or TAO checkpoint into `model` (see module doc)."""
+    """Load a groundlab, HF, IDEA or TAO checkpoint into `model` (see module doc); `path` may be an s3:// / gs:// /
+    https:// URI of a file (fetched once into the cache)."""
+    path = local_path(path, key="checkpoint")
     state, layout, unplaced = read_weights(path)
     return load_state(model, state, path, layout, unplaced)
 

@@ -18,6 +18,7 @@ from typing import Dict, List
 
 import torch
 
+from groundlab.io.remote_files import local_path
 from groundlab.models.mal.vit_backbone import ViTBackbone, resize_position_embeddings
 
 # Official MAE (timm) names -> transformers ViT names (`{i}` = block index).
@@ -102,8 +103,9 @@ def _read_hf_dir(path: str) -> Dict[str, torch.Tensor]:
 
 
 def load_mae_weights(backbone: ViTBackbone, path: str) -> LoadReport:
-    """Load `path` into `backbone.vit` (see module doc). ValueError naming the file on a mismatch."""
-    path = os.path.expanduser(path)
+    """Load `path` into `backbone.vit` (see module doc; a file may be an s3:// / gs:// / https:// URI, fetched
+    once into the cache). ValueError naming the file on a mismatch."""
+    path = os.path.expanduser(local_path(path, key="model.pretrained_path"))
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ValueError(f"{path}: a directory of pretrained weights needs a transformers config.json")
