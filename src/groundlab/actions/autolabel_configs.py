@@ -25,6 +25,7 @@ from groundlab.config import ConfigError
 from groundlab.config.compose import compose_config
 from groundlab.config.schema_dataset import DataSource
 from groundlab.data.sources import resolve_sources, synthetic_paths
+from groundlab.io.remote_files import local_path
 
 
 def _one_train_source(cfg: DictConfig) -> Dict[str, Any]:
@@ -60,10 +61,15 @@ def pipeline_inputs(cfg: DictConfig) -> Dict[str, Any]:
         out["train_mask_json"] = out["train_mask_json"] or p.train_coco
     else:
         src = _one_train_source(cfg)
-        out.update(image_dir=src["image_dir"], box_json=src["json_file"])
+        box_json = local_path(src["json_file"], cfg.cache_dir, "dataset.train_data_sources[0].json_file")
+        out.update(image_dir=src["image_dir"], box_json=box_json)
+    # remote (s3:// / https://) json files are fetched once here; the steps read the cached copies
+    out["train_mask_json"] = local_path(out["train_mask_json"], cfg.cache_dir, "autolabel.train_mask_json")
     val = resolve_sources(d, cfg.cache_dir)["val"]
     if val is not None and val.get("data_type", "OD") != "OD":
         raise ConfigError("action=autolabel evaluates instance masks: dataset.val_data_sources.data_type must be OD.")
+    if val:
+        val = dict(val, json_file=local_path(val["json_file"], cfg.cache_dir, "dataset.val_data_sources.json_file"))
     out["val"] = {"image_dir": val["image_dir"], "json_file": val["json_file"]} if val else None
     if val and not os.path.isfile(os.path.expanduser(val["json_file"])):
         raise ConfigError(f"dataset.val_data_sources.json_file={val['json_file']!r} is not a file.")

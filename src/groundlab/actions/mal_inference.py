@@ -32,6 +32,7 @@ from groundlab.data.mal_dataset import MALCropDataset, collate_crops
 from groundlab.data.mal_instances import read_mal_instances
 from groundlab.data.sources import open_images
 from groundlab.engine.run_dirs import chained_settings
+from groundlab.io.remote_files import local_path
 from groundlab.ops.masks import encode_mask
 from groundlab.deploy.mask_overlay import overlay_masks
 from groundlab.eval.mask_miou import MaskIoUMeter
@@ -59,6 +60,7 @@ def run(cfg: DictConfig) -> Dict[str, float]:
     inf = chained_settings(cfg, "inference")  # no checkpoint given: the train run's latest
     predictor = load_predictor(cfg, inf)
     ann_path, img_dir = _inputs(cfg)
+    ann_path = local_path(ann_path, cfg.cache_dir, "inference.ann_path")  # an s3:// / https:// json: fetched once
     source = open_images(img_dir, "inference.img_dir", cfg.cache_dir)
     data = read_mal_instances(ann_path, source, need_masks=inf.load_mask, skip_missing=True, keep_data=True)
     dataset = MALCropDataset(data, source, predictor.crop_size, False, (0.0, 0.0),
