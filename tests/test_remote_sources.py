@@ -156,6 +156,27 @@ def test_dataset_load_reads_jsonl_label_map_and_archive_from_s3(s3, bucket_data,
     assert source.images.path.endswith("train_images.tar.gz") and source.images.exists(source.records[0]["file_name"])
 
 
+def test_mal_reads_its_coco_json_and_archive_from_s3(s3, bucket_data, compose, tmp_path):
+    from groundlab.data.mal_sources import read_split
+
+    d = bucket_data
+    cfg = compose(["model=mal", "dataset=mal_coco", f"cache_dir={tmp_path}", f"dataset.val_ann_path={d['val_json']}",
+                   f"dataset.val_img_dir={d['val_images']}", "dataset.train_ann_path=x", "dataset.train_img_dir=x"])
+    inst, source = read_split(cfg, cfg.dataset.val_ann_path, cfg.dataset.val_img_dir, "val", train=False)
+    assert len(inst.instances) > 0 and source.path.endswith("val_images.tar.gz")
+
+
+def test_gs_without_gcsfs_says_what_to_install(tmp_path):
+    try:
+        import gcsfs  # noqa: F401
+    except ImportError:
+        with pytest.raises(RemoteFileError, match=r"^model.pretrained_backbone_path=gs://b/w.pth: reading gs:// URIs "
+                                                  r"needs the package gcsfs \(pip install gcsfs\).$"):
+            local_path("gs://b/w.pth", str(tmp_path), "model.pretrained_backbone_path")
+    else:
+        pytest.skip("gcsfs is installed")
+
+
 def test_a_changed_object_is_fetched_again_and_an_unchanged_one_is_not(s3, tmp_path, caplog):
     (tmp_path / "v1.json").write_text('{"0": "cat"}')
     uri = _put(s3, "maps/label_map.json", tmp_path / "v1.json")
