@@ -35,20 +35,42 @@ def _final_val_metrics(run_dir) -> dict:
     return {k: float(rows[-1][k]) for k in ("val_mAP", "val_mAP50", "val_loss")}
 
 
+# the interrupted runs' recipe: 3 epochs of 4 steps, a checkpoint every 2 steps
+RESUMED = [*TRAIN, "dataset.batch_size=4", "train.num_epochs=3", "train.checkpoint_interval=2",
+           "train.checkpoint_interval_unit=step"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The run dir of RESUMED run never interrupted, for the interrupted runs to end as."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    proc = run_py(*RESUMED, f"hydra.run.dir={run_dir}", timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run_dir
+
+
+def _same_run(whole, resumed) -> None:
+    """The two run dirs end with the same weights, optimizer state, schedule and final validation."""
+    a = torch.load(whole / "gdino_model_latest.pth", map_location="cpu", weights_only=True)
+    b = torch.load(resumed / "gdino_model_latest.pth", map_location="cpu", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 12 and b["format"] == "groundlab"
+    for key, value in a["state_dict"].items():
+        assert torch.allclose(value.float(), b["state_dict"][key].float(), atol=1e-6), key
+    for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
+        assert torch.allclose(sa["exp_avg"], sb["exp_avg"], atol=1e-6)
+    assert a["lr_schedulers"] == b["lr_schedulers"]
+    assert _final_val_metrics(resumed) == pytest.approx(_final_val_metrics(whole), abs=1e-6)
+
+
 @pytest.mark.slow
-def test_killed_and_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path):
+def test_killed_and_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path, uninterrupted):
     """SIGKILL mid-epoch, the same command again: the run resumes from the latest checkpoint (optimizer,
     schedule, random states, place in the epoch) and ends with the same weights and metrics as a run never
     interrupted."""
-    def cmd(run_dir):
-        return [sys.executable, str(REPO / "run.py"), *TRAIN, "dataset.batch_size=4", "train.num_epochs=3",
-                "train.checkpoint_interval=2", "train.checkpoint_interval_unit=step", f"hydra.run.dir={run_dir}"]
-
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    whole = subprocess.run(cmd(tmp_path / "whole"), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]
     run_dir = tmp_path / "killed"
-    first = subprocess.Popen(cmd(run_dir), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    cmd = [sys.executable, str(REPO / "run.py"), *RESUMED, f"hydra.run.dir={run_dir}"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              start_new_session=True)
     deadline = time.time() + 240
     while not glob.glob(str(run_dir / "model_epoch_*_step_00006.pth")) and time.time() < deadline:
@@ -61,41 +83,26 @@ def test_killed_and_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path):
     assert 6 <= killed_at < 12
     for path in glob.glob(str(run_dir / "*.pth")):  # a kill may leave a .tmp, never a truncated .pth
         torch.load(path, map_location="cpu", weights_only=True)
-    second = subprocess.run(cmd(run_dir), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resuming from" in second.stdout + second.stderr
-    a = torch.load(tmp_path / "whole" / "gdino_model_latest.pth", map_location="cpu", weights_only=True)
-    b = torch.load(run_dir / "gdino_model_latest.pth", map_location="cpu", weights_only=True)
-    assert a["global_step"] == b["global_step"] == 12 and b["format"] == "groundlab"
-    for key, value in a["state_dict"].items():
-        assert torch.allclose(value.float(), b["state_dict"][key].float(), atol=1e-6), key
-    for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
-        assert torch.allclose(sa["exp_avg"], sb["exp_avg"], atol=1e-6)
-    assert a["lr_schedulers"] == b["lr_schedulers"]
-    whole_metrics, resumed_metrics = _final_val_metrics(tmp_path / "whole"), _final_val_metrics(run_dir)
-    assert resumed_metrics == pytest.approx(whole_metrics, abs=1e-6)
+    _same_run(uninterrupted, run_dir)
 
 
 @pytest.mark.slow
-def test_a_max_time_stop_resumes_where_it_stopped(tmp_path):
+def test_a_max_time_stop_resumes_where_it_stopped(tmp_path, uninterrupted):
     """train.max_time_minutes stops mid-epoch; the run started again (without the limit) ends with the weights
     of a run never stopped: the stop is saved at its place in the epoch, not as a finished epoch."""
-    def run(run_dir, *extra):
-        proc = run_py(*TRAIN, "dataset.batch_size=4", "train.num_epochs=2", f"hydra.run.dir={run_dir}", *extra,
-                      timeout=300)
+    def run(*extra):
+        proc = run_py(*RESUMED, f"hydra.run.dir={tmp_path}", *extra, timeout=300)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
-    run(tmp_path / "whole")
-    run(tmp_path / "stopped", "train.max_time_minutes=0.001")  # stops after its first step
-    stopped = torch.load(tmp_path / "stopped" / "gdino_model_latest.pth", map_location="cpu", weights_only=True)
-    assert 1 <= stopped["global_step"] < 8 and stopped["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"][
+    run("train.max_time_minutes=0.001")  # stops after its first step
+    stopped = torch.load(tmp_path / "gdino_model_latest.pth", map_location="cpu", weights_only=True)
+    assert 1 <= stopped["global_step"] < 4 and stopped["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"][
         "processed"] == stopped["global_step"]  # saved mid-epoch 0, where it stopped
-    run(tmp_path / "stopped")
-    a = torch.load(tmp_path / "whole" / "gdino_model_latest.pth", map_location="cpu", weights_only=True)
-    b = torch.load(tmp_path / "stopped" / "gdino_model_latest.pth", map_location="cpu", weights_only=True)
-    assert a["global_step"] == b["global_step"] == 8
-    for key, value in a["state_dict"].items():
-        assert torch.allclose(value.float(), b["state_dict"][key].float(), atol=1e-6), key
+    run()
+    _same_run(uninterrupted, tmp_path)
 
 
 @pytest.mark.slow
