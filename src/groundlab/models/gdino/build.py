@@ -1,4 +1,4 @@
-"""Build Grounding DINO from config, or from any checkpoint (groundlab, HF, IDEA, TAO) with the structure the
+"""Build Grounding DINO from config, or from any checkpoint (groundlab, HF, IDEA, TAO, mmdetection) with the structure the
 checkpoint implies, so evaluate/inference/export never ask the user to repeat model settings."""
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from groundlab.config import ConfigError
@@ -20,8 +19,10 @@ from groundlab.models.gdino.criterion import SetCriterion, build_criterion
 from groundlab.models.gdino.model import GroundingDINO
 from groundlab.text.tokenizer import load_tokenizer, special_token_ids
 from groundlab.models.gdino.weights import (
-    LoadReport, checkpoint_state, hf_text_config, hf_weights_file, load_state, load_weights, model_config_from_hf,
+    LoadReport, apply_settings, checkpoint_state, detect_layout, hf_text_config, hf_weights_file, load_state,
+    load_weights, model_config_from_hf, read_checkpoint_file,
 )
+from groundlab.models.gdino.mmdet_keys import mmdet_model_settings
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,8 @@ def phrase_delimiters(model_cfg: DictConfig) -> List[int]:
 
 def build_gdino(model_cfg: DictConfig, checkpoint: Optional[str] = None) -> BuiltModel:
     """The model of `model_cfg` with random weights, or of `checkpoint`:
-    groundlab .pth -> its stored config; HF directory -> its config.json; IDEA or TAO .pth -> `model_cfg`.
+    groundlab .pth -> its stored config; HF directory -> its config.json; IDEA or TAO .pth -> `model_cfg`;
+    mmdetection (MM-Grounding-DINO) .pth -> `model_cfg` with the head settings its weights / config text fix.
     A file may be an s3:// / gs:// / https:// URI, fetched once into the cache (not an HF directory)."""
     if checkpoint is None:
         return BuiltModel(network(model_cfg), model_cfg, None, None)
@@ -100,7 +102,7 @@ def build_gdino(model_cfg: DictConfig, checkpoint: Optional[str] = None) -> Buil
         return BuiltModel(model, cfg, None, report)
     if not os.path.exists(path):
         raise MissingFile(f"checkpoint not found: {path}")
-    obj = None if hf_weights_file(path) else torch.load(path, map_location="cpu", weights_only=True)
+    obj = None if hf_weights_file(path) else read_checkpoint_file(path)
     if is_groundlab_checkpoint(obj):
         if obj.get("model_name", "gdino") not in GDINO_MODELS:
             raise ConfigError(f"{path} is a model={obj.get('model_name')} checkpoint; model=gdino and model=mask_gdino "
@@ -115,6 +117,10 @@ def build_gdino(model_cfg: DictConfig, checkpoint: Optional[str] = None) -> Buil
         return BuiltModel(model, cfg, obj.get("class_names"), report)
     cfg = model_cfg.copy()
     cfg.text_encoder_pretrained = False  # the checkpoint carries the text encoder's weights
+    if obj is not None and detect_layout(obj) == "mmdet":
+        changed = apply_settings(cfg, mmdet_model_settings(obj))
+        if changed:
+            log.info("mmdetection checkpoint %s: %s (from its weights and config text)", path, " ".join(changed))
     model = network(cfg)
     report = load_weights(model, path)
     log.info(report.summary())

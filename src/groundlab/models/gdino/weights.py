@@ -4,7 +4,14 @@
 - Hugging Face transformers (`IDEA-Research/grounding-dino-tiny/base` layout): a directory with
   config.json and model.safetensors / pytorch_model.bin, or one such weights file;
 - official IDEA-Research checkpoints (`groundingdino_swint_ogc.pth` layout: {"model": {...}});
-- NVIDIA TAO grounding_dino / mask_grounding_dino Lightning checkpoints ({"state_dict": {"model.model.*"}}).
+- NVIDIA TAO grounding_dino / mask_grounding_dino Lightning checkpoints ({"state_dict": {"model.model.*"}});
+- mmdetection GroundingDINO checkpoints, i.e. MM-Grounding-DINO ({"meta": {...}, "state_dict": {...}}; the
+  keys are mapped by groundlab.models.gdino.mmdet_keys, without mmengine).
+
+Every file is read with torch.load(weights_only=True). An mmengine training checkpoint also pickles its
+bookkeeping (`message_hub` holds mmengine HistoryBuffer objects with numpy arrays): those classes, and only
+names under mmengine / numpy, are read as inert stand-in records (_Record) that run none of their code; any
+other refused global fails the read with one sentence naming it.
 
 Keys that do not fit are reported by name (grouped by prefix) and fail the load; only weights that never
 affect outputs (BERT's pooler, the Swin top layernorm that SwinBackbone does not use) may be absent/extra.
@@ -17,6 +24,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -26,6 +35,7 @@ from torch import nn
 from groundlab.errors import UserError
 from groundlab.io.remote_files import local_path
 from groundlab.models.checkpoint import is_groundlab_checkpoint
+from groundlab.models.gdino import mmdet_keys as M
 from groundlab.models.gdino import weight_keys as W
 
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -41,7 +51,7 @@ class LoadReport:
     and mask-head keys of the checkpoint that a model without a mask head has no place for. new: the model's
     mask-head keys that the checkpoint lacked entirely, left as initialized."""
 
-    source: str  # "groundlab" | "hf" | "idea" | "tao" | "state_dict"
+    source: str  # "groundlab" | "hf" | "idea" | "tao" | "mmdet" | "state_dict"
     path: str
     ignored: List[str] = field(default_factory=list)
     new: List[str] = field(default_factory=list)
@@ -64,12 +74,42 @@ def _modules(keys: List[str]) -> str:
     return ", ".join(sorted({k.split(".", 1)[0] for k in keys}))
 
 
-def _read_state(path: str) -> Any:
+class _Record:
+    """Stands in for a class of mmengine / numpy that a checkpoint's bookkeeping pickled (mmengine's message_hub
+    HistoryBuffer and its numpy arrays): keeps the arguments and state it is given and runs nothing else."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self.args = args
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+_STAND_IN_MODULES = ("mmengine.", "numpy.")
+_REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+) was not an allowed global")
+
+
+def read_checkpoint_file(path: str) -> Any:
+    """The object of a checkpoint file, read weights-only (safetensors, or torch.load(weights_only=True) with
+    mmengine / numpy globals read as _Record stand-ins; see the module doc). WeightLoadError names any other
+    global the file needs."""
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
         return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+    stand_ins: List[str] = []
+    while True:
+        try:
+            with torch.serialization.safe_globals([(_Record, name) for name in stand_ins]):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            m = _REFUSED_GLOBAL.search(str(err))
+            name = m.group(1) if m else None
+            if name is None or name in stand_ins or not name.startswith(_STAND_IN_MODULES):
+                what = f"the Python object {name}" if name else "objects"
+                raise WeightLoadError(f"{path}: holds {what}, which a weights-only load refuses to build (only "
+                                      f"tensors, containers and mmengine's bookkeeping are read)") from None
+            stand_ins.append(name)
 
 
 def hf_weights_file(path: str) -> Optional[str]:
@@ -83,17 +123,23 @@ def hf_weights_file(path: str) -> Optional[str]:
 
 
 def detect_layout(obj: Any) -> str:
-    """"groundlab", "tao", "hf" or "idea" for a loaded checkpoint object."""
+    """"groundlab", "tao", "hf", "mmdet" or "idea" for a loaded checkpoint object."""
     if is_groundlab_checkpoint(obj):
         return "groundlab"
     if W.is_tao_checkpoint(obj):
         return "tao"
-    sd = W.unwrap_checkpoint(obj)
+    try:
+        sd = W.unwrap_checkpoint(obj)
+    except ValueError as err:
+        raise WeightLoadError(f"not a Grounding DINO checkpoint: {err}") from None
     if any(k.startswith(("model.text_backbone.", "model.backbone.conv_encoder.")) for k in sd):
         return "hf"
+    if M.is_mmdet_state(sd):
+        return "mmdet"
     if any(k.startswith(("backbone.0.", "transformer.")) for k in sd):
         return "idea"
-    raise WeightLoadError("unrecognised checkpoint layout: neither groundlab, Hugging Face, IDEA-Research nor TAO keys")
+    raise WeightLoadError("unrecognised checkpoint layout: neither groundlab, Hugging Face, IDEA-Research, TAO nor "
+                          "mmdetection (MM-Grounding-DINO) keys")
 
 
 def checkpoint_state(obj: Dict[str, Any]) -> Dict[str, torch.Tensor]:
@@ -104,13 +150,18 @@ def checkpoint_state(obj: Dict[str, Any]) -> Dict[str, torch.Tensor]:
 
 def read_weights(path: str) -> Tuple[Dict[str, torch.Tensor], str, List[str]]:
     """(state dict in our key names, layout, keys that fit no part of the model) of a checkpoint path."""
+    return _read_weights(path)[:3]
+
+
+def _read_weights(path: str) -> Tuple[Dict[str, torch.Tensor], str, List[str], Any]:
+    """read_weights plus the file's object."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     hf_file = hf_weights_file(path)
-    obj = _read_state(hf_file or path)
+    obj = read_checkpoint_file(hf_file or path)
     layout = "hf" if hf_file else detect_layout(obj)
     if layout == "groundlab":
-        return checkpoint_state(obj), layout, []
+        return checkpoint_state(obj), layout, [], obj
     if layout == "hf":
         sd, unused = W.hf_to_ours(W.unwrap_checkpoint(obj))
     elif layout == "tao":
@@ -118,9 +169,58 @@ def read_weights(path: str) -> Tuple[Dict[str, torch.Tensor], str, List[str]]:
             sd, unused = W.tao_to_ours(obj)
         except ValueError as err:  # "tao_model" names another TAO model
             raise WeightLoadError(f"{path}: {err}") from None
+    elif layout == "mmdet":
+        sd, unused = M.mmdet_to_ours(obj)
     else:
         sd, unused = W.idea_to_ours(obj)
-    return sd, layout, unused
+    return sd, layout, unused, obj
+
+
+def settings_mismatch(model_cfg: Any, settings: Dict[str, Any]) -> List[str]:
+    """The `model.<field>=<value>` overrides that `model_cfg` lacks to match the structural settings a file
+    determines (mmdet_keys.mmdet_model_settings); a learnable log_scale matches any number."""
+    wrong = []
+    for field_name, want in settings.items():
+        have = model_cfg.get(field_name) if model_cfg is not None else None
+        if isinstance(want, float) and isinstance(have, (int, float)) and not isinstance(have, bool):
+            continue
+        if have != want:
+            shown = "null" if want is None else str(want).lower() if isinstance(want, bool) else want
+            wrong.append(f"model.{field_name}={shown}")
+    return wrong
+
+
+def apply_settings(model_cfg: Any, settings: Dict[str, Any]) -> List[str]:
+    """Set the structural settings a file determines on `model_cfg` (a copy the caller owns); returns the
+    overrides that changed something (for the log)."""
+    changed = settings_mismatch(model_cfg, settings)
+    for item in changed:
+        field_name = item.split("=", 1)[0][len("model."):]
+        model_cfg[field_name] = settings[field_name]
+    return changed
+
+
+# Parameters our model may share between decoder layers, and the setting that shares them
+_SHARED_SETTING = (("bbox_embed.", "model.dec_pred_bbox_embed_share"),
+                   ("transformer.decoder.bbox_embed.", "model.dec_pred_bbox_embed_share"),
+                   ("class_embed.", "model.dec_pred_class_embed_share"))
+
+
+def _shared_conflicts(model: nn.Module, state: Dict[str, torch.Tensor]) -> List[str]:
+    """One sentence per tensor the model shares under several names (a shared box / class head) whose
+    checkpoint values differ: loading would keep only the last of them, silently."""
+    names: Dict[int, List[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        names.setdefault(id(tensor), []).append(name)
+    found: Dict[str, str] = {}
+    for group in names.values():
+        present = [n for n in group if n in state]
+        if len(present) > 1 and any(not torch.equal(state[present[0]], state[n]) for n in present[1:]):
+            setting = next((s for prefix, s in _SHARED_SETTING if present[0].startswith(prefix)), None)
+            sentence = (f"the checkpoint holds different {present[0]} and {present[-1]} but the model shares them: "
+                        + (f"set {setting}=false" if setting else "build it without sharing"))
+            found.setdefault(setting or present[0], sentence)
+    return list(found.values())
 
 
 def load_state(model: nn.Module, state: Dict[str, torch.Tensor], path: str, source: str,
@@ -145,8 +245,9 @@ def load_state(model: nn.Module, state: Dict[str, torch.Tensor], path: str, sour
     lenient = set(new) | set(dropped_head)
     hard_missing = [k for k in missing if not W.is_optional_key(k) and k not in lenient]
     hard_unexpected = [k for k in unexpected if not W.is_optional_key(k) and k not in lenient]
-    if hard_missing or hard_unexpected or shape:
-        lines = [W.describe_mismatch(hard_missing, hard_unexpected)] + shape[:20]
+    conflicts = _shared_conflicts(model, state) if not shape else []
+    if hard_missing or hard_unexpected or shape or conflicts:
+        lines = [W.describe_mismatch(hard_missing, hard_unexpected)] + shape[:20] + conflicts
         raise WeightLoadError(f"{path}: {source} weights do not fit the model (check the model config):\n"
                               + "\n".join(line for line in lines if line))
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
@@ -155,10 +256,17 @@ def load_state(model: nn.Module, state: Dict[str, torch.Tensor], path: str, sour
 
 
 def load_weights(model: nn.Module, path: str) -> LoadReport:
-    """Load a groundlab, HF, IDEA or TAO checkpoint into `model` (see module doc); `path` may be an s3:// / gs:// /
-    https:// URI of a file (fetched once into the cache)."""
+    """Load a groundlab, HF, IDEA, TAO or mmdetection checkpoint into `model` (see module doc); `path` may be an
+    s3:// / gs:// / https:// URI of a file (fetched once into the cache). An mmdetection file whose structural
+    settings (mmdet_keys.mmdet_model_settings) differ from `model.cfg` fails with the overrides to set: a
+    contrastive head scaled otherwise would load without a missing key and score wrongly."""
     path = local_path(path, key="checkpoint")
-    state, layout, unplaced = read_weights(path)
+    state, layout, unplaced, obj = _read_weights(path)
+    if layout == "mmdet" and getattr(model, "cfg", None) is not None:
+        wrong = settings_mismatch(model.cfg, M.mmdet_model_settings(obj))
+        if wrong:
+            raise WeightLoadError(f"{path}: this mmdetection (MM-Grounding-DINO) checkpoint needs "
+                                  f"{' '.join(wrong)} (the model was built otherwise)")
     return load_state(model, state, path, layout, unplaced)
 
 
