@@ -146,6 +146,9 @@ def main() -> None:
     parser.add_argument("--tao-graph", action="store_true",
                         help="also time TAO's contract graph (text padded to max_text_len, GridSample)")
     args = parser.parse_args()
+    from groundlab.console import quiet_libraries
+
+    quiet_libraries()  # the figures, not transformers' load reports and the exporter's warnings
     torch.set_num_threads(args.threads)
     workdir = tempfile.mkdtemp(prefix="deploy_latency_")
     results: Dict[str, float] = {}
