@@ -17,7 +17,7 @@ int8_mAP50_delta. Targets: ort_fp32_ratio <= 0.8, ort_int8_ratio <= 0.6, |int8_m
 On a machine whose cores other work shares, two threads measure the contention more than the runtimes (PyTorch's
 OpenMP threads wait for each other at every op): `--threads 1` gives steadier ratios there.
 
-    python benchmarks/deploy_latency.py [--repeat 3] [--threads 2] [--checkpoint PATH] [--skip-gdino-t]
+    python benchmarks/deploy_latency.py [--repeat 3] [--threads 2] [--checkpoint PATH] [--skip-gdino-t] [--keep DIR]
                                         [--skip-map] [--tao-graph]
 """
 
@@ -143,6 +143,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", default="")
     parser.add_argument("--skip-gdino-t", action="store_true")
     parser.add_argument("--skip-map", action="store_true", help="no mAP50 part (it needs a trained checkpoint)")
+    parser.add_argument("--keep", default="", help="keep the graphs and run dirs in this folder (default: a "
+                                                    "temporary one, removed at the end: GDINO-T's graphs are ~1 GB)")
     parser.add_argument("--tao-graph", action="store_true",
                         help="also time TAO's contract graph (text padded to max_text_len, GridSample)")
     args = parser.parse_args()
@@ -150,7 +152,12 @@ def main() -> None:
 
     quiet_libraries()  # the figures, not transformers' load reports and the exporter's warnings
     torch.set_num_threads(args.threads)
-    workdir = tempfile.mkdtemp(prefix="deploy_latency_")
+    with tempfile.TemporaryDirectory(prefix="deploy_latency_") as tmp:
+        run(args, os.path.abspath(args.keep) if args.keep else tmp)
+
+
+def run(args: argparse.Namespace, workdir: str) -> None:
+    os.makedirs(workdir, exist_ok=True)
     results: Dict[str, float] = {}
     for arch in ["tiny"] + ([] if args.skip_gdino_t else ["gdino_t"]):
         results.update(latency(arch, args.repeat, args.threads, workdir, args.tao_graph))
