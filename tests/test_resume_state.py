@@ -58,6 +58,14 @@ def test_ranks_split_an_epoch_without_overlap():
     assert set(sum(parts, [])) == set(range(10)) and len(sum(parts, [])) == 12
 
 
+def test_validation_ranks_take_every_sample_once():
+    """Unpadded (validation): a metric summed over ranks (MAL's mIoU meter) must not count a sample twice."""
+    data = _Data(10)
+    parts = [ResumableSampler(data, batch_size=2, seed=1, shuffle=False, rank=r, world_size=3) for r in range(3)]
+    assert [len(s) for s in parts] == [len(list(s)) for s in parts] == [4, 3, 3]
+    assert sorted(sum((list(s) for s in parts), [])) == list(range(10))
+
+
 def test_worker_random_states_depend_only_on_seed_epoch_rank_worker():
     def draw(noise):
         torch.manual_seed(noise)  # whatever ran before in the main process

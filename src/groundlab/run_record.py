@@ -51,10 +51,19 @@ def package_versions() -> Dict[str, str]:
     return versions
 
 
+def first_process() -> bool:
+    """False in every process of a distributed run but the first (global rank 0), from the launchers' variables:
+    Lightning's own ranks and torchrun (LOCAL_RANK, RANK), other nodes (NODE_RANK), SLURM tasks (SLURM_PROCID)."""
+    return all(int(os.environ.get(k) or 0) == 0 for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
 def write_run_record(cfg: DictConfig) -> str:
-    """Write `resolved_config.yaml` and `run_info.json` into cfg.results_dir; return that dir."""
+    """Write `resolved_config.yaml` and `run_info.json` into cfg.results_dir (by the first process of a
+    distributed run only: the others' commands carry the launcher's additions); return that dir."""
     out = cfg.results_dir
     os.makedirs(out, exist_ok=True)
+    if not first_process():
+        return out
     with open(os.path.join(out, "resolved_config.yaml"), "w") as f:
         f.write(redact(OmegaConf.to_yaml(cfg, resolve=True)))
     info = {

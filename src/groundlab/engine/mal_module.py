@@ -38,6 +38,7 @@ class MALLightning(GroundlabModule):
     """cfg: the composed config; class_names / category_ids: of the training json (stored in checkpoints);
     devices: number of training processes (the lr scales with it)."""
 
+    ddp_find_unused_parameters = True  # as TAO's MAL trainer (said here, whatever the base default becomes)
     loss_remedy = "Lower train.lr, set train.clip_grad_norm or use train.precision=fp32 (train.use_amp=false)."
 
     def __init__(self, cfg: DictConfig, class_names: List[str], category_ids: List[int], devices: int = 1):

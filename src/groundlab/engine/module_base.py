@@ -16,9 +16,14 @@ from groundlab.models.checkpoint import FORMAT, VERSION
 
 class GroundlabModule(L.LightningModule):
     """cfg: the composed config. Subclasses implement training_step / validation hooks and
-    `checkpoint_fields()`; `loss_remedy` names the config keys that help against a non-finite loss."""
+    `checkpoint_fields()`; `loss_remedy` names the config keys that help against a non-finite loss;
+    `ddp_find_unused_parameters` is DDP's setting for this model."""
 
     loss_remedy = "Lower the learning rate, clip gradients or use train.precision=fp32."
+    # DDP's find_unused_parameters. On for every model: MAL as TAO's MAL trainer; Grounding DINO too, as some of its
+    # batches leave parameters out of the graph (seen: input_proj.3, the extra level, on 48-64 px crops), and DDP
+    # without the search then hangs the other ranks in backward instead of failing
+    ddp_find_unused_parameters = True
 
     def __init__(self, cfg: DictConfig):
         super().__init__()

@@ -48,10 +48,11 @@ def seed_run(seed: int) -> None:
     L.seed_everything(seed, workers=True, verbose=False)
 
 
-def build_trainer(cfg: DictConfig, has_validation: bool = True) -> L.Trainer:
-    """L.Trainer from the `train` group (TAO keys) for the run dir cfg.results_dir."""
+def build_trainer(cfg: DictConfig, has_validation: bool = True, find_unused_parameters: bool = False) -> L.Trainer:
+    """L.Trainer from the `train` group (TAO keys) for the run dir cfg.results_dir; find_unused_parameters: the
+    module's DDP setting."""
     train = cfg.train
-    accelerator, devices, strategy = trainer_devices(train)
+    accelerator, devices, strategy = trainer_devices(train, find_unused_parameters)
     callbacks = [GroundlabCheckpoint(cfg.results_dir, cfg.model.name, train.checkpoint_interval,
                                      train.checkpoint_interval_unit), ResumeState()]
     return L.Trainer(
@@ -71,7 +72,7 @@ def fit(cfg: DictConfig, module: GroundlabModule, datamodule: ResumableDataModul
     """Train (resuming from train.resume_training_checkpoint_path or the run dir's latest checkpoint), validate
     the final weights if the last validation saw others, and return every scalar metric plus train_time_s,
     epochs and global_step."""
-    trainer = build_trainer(cfg, has_validation)
+    trainer = build_trainer(cfg, has_validation, module.ddp_find_unused_parameters)
     total = sum(p.numel() for p in module.parameters())
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     log.info("%s: %.1f M parameters, %.1f M trained", cfg.model.name, total / 1e6, trainable / 1e6)

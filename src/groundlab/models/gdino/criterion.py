@@ -87,11 +87,14 @@ def weighted_total(loss_dict: Mapping[str, Tensor], weight_dict: Mapping[str, fl
 
 
 def average_num_boxes(targets: Sequence[Dict[str, Tensor]], device: torch.device) -> float:
-    """Target boxes in the batch, averaged over ranks when torch.distributed is initialized, clamped >= 1.
+    """Target boxes in the batch, averaged over ranks when torch.distributed is initialized and gradients are
+    computed, clamped >= 1.
 
-    Every rank then divides by the same number, so the summed gradients equal those of one big batch."""
+    Every rank then divides by the same number, so the summed gradients equal those of one big batch. Without
+    gradients (validation's loss) no collective: validation ranks may run different numbers of batches (each
+    sample validated once), and a collective there would wait forever for a rank that has finished."""
     num = torch.tensor([float(sum(int(t["boxes"].shape[0]) for t in targets))], device=device)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if torch.is_grad_enabled() and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(num)
         num = num / torch.distributed.get_world_size()
     return max(float(num.item()), 1.0)
