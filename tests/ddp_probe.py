@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 from groundlab.engine.resumable_sampler import ResumableSampler

@@ -21,8 +21,8 @@ class GroundlabModule(L.LightningModule):
 
     loss_remedy = "Lower the learning rate, clip gradients or use train.precision=fp32."
     # DDP's find_unused_parameters. On for every model: MAL as TAO's MAL trainer; Grounding DINO too, as some of its
-    # batches leave parameters out of the graph (seen: input_proj.3, the extra level, on 48-64 px crops), and DDP
-    # without the search then hangs the other ranks in backward instead of failing
+    # batches leave parameters out of the graph (seen: input_proj.3, the extra level, without a gradient on some
+    # 48-64 px synthetic crops), which DDP without the search stops on
     ddp_find_unused_parameters = True
 
     def __init__(self, cfg: DictConfig):
