@@ -294,11 +294,9 @@ class SwinBackbone(nn.Module):
                 for j in range(depth))
             stage.downsample = PatchMerging(dim) if i < len(dims) - 1 else None
             layers.append(stage)
-        # `swin.layernorm` (the classifier's final norm) is never applied; it is in transformers' key set. Not
-        # trained: a parameter outside every step's graph stops DDP (find_unused_parameters is off for detectors)
+        # `swin.layernorm` (the classifier's final norm) is never applied; it is in transformers' key set
         self.swin = nn.ModuleDict({"embeddings": embeddings, "encoder": nn.ModuleDict({"layers": layers}),
                                    "layernorm": nn.LayerNorm(dims[-1], eps=config.layer_norm_eps)})
-        self.swin["layernorm"].requires_grad_(False)
         self.hidden_states_norms = nn.ModuleDict(
             {name: nn.LayerNorm(c) for name, c in zip(self.out_features, self.channels)})
 
