@@ -253,3 +253,18 @@ def test_fp16_with_grad_scaler_trains_on_a_gpu(tmp_path):
     assert ckpt["global_step"] > 0 and "native_amp_scaling_state" in ckpt  # the scaler's state, for a resume
     assert {v.dtype for v in ckpt["state_dict"].values() if v.is_floating_point()} == {torch.float32}
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_taos_world_size_reaches_the_trainer(compose, monkeypatch):
+    """TAO's launcher contract (WORLD_SIZE nodes of NUM_GPU_PER_NODE processes) sets the Trainer's num_nodes, not
+    only the counts: a node of a 2-node run built a 1-node world before."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from groundlab.engine.devices import trainer_devices
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("NUM_GPU_PER_NODE", "1")
+    accelerator, devices, nodes, strategy = trainer_devices(compose([]).train)
+    assert (accelerator if not torch.cuda.is_available() else "cpu", devices, nodes) == ("cpu", 1, 2)
+    assert isinstance(strategy, DDPStrategy)

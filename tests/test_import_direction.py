@@ -19,7 +19,7 @@ ALLOWED: Dict[str, Set[str]] = {
     "ops": {"errors"},
     "text": {"errors"},
     "config": {"errors"},
-    "io": {"errors"},  # remote URIs -> local cache files: data, models, predict and the runner read through it
+    "io": {"errors", "ops"},  # remote URIs -> local cache files: data, models, predict and the runner read through it
     "data": LEAVES,
     "models": LEAVES,
     "eval": LEAVES | {"data"},

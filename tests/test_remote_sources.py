@@ -121,6 +121,9 @@ def test_local_paths_pass_and_uris_are_redacted():
     assert redact("https://user:pa55@host:8080/m.pth?X-Amz-Signature=abc&X-Amz-Credential=AK") == \
         "https://***@host:8080/m.pth?***"
     assert redact("evaluate.checkpoint=s3://bucket/m.pth") == "evaluate.checkpoint=s3://bucket/m.pth"
+    # every URI of a list override (it ended at the first URI's end of line, the second's password kept)
+    assert redact("inference.image_dir=[https://u:p@h/a.tar,https://u2:p2@h/b.tar?sig=s]") == \
+        "inference.image_dir=[https://***@h/a.tar,https://***@h/b.tar?***]"
 
 
 def test_evaluate_reads_archive_json_and_checkpoint_from_s3(s3, bucket_data, compose, tmp_path, caplog):

@@ -23,6 +23,8 @@ from typing import Any, Dict, List, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from groundlab.io.remote_files import redact
+
 
 
 FAILED_FILE = "trial_failed.json"
@@ -67,7 +69,7 @@ class SweepReport(Callback):
             value, status = None, f"failed: {reason}"
         self.trials.append({
             "trial": config.hydra.job.get("num", len(self.trials)),
-            "overrides": " ".join(config.hydra.overrides.task),
+            "overrides": redact(" ".join(config.hydra.overrides.task)),  # never a URI's credentials
             "value": value, "status": status, "dir": config.hydra.runtime.output_dir,
             "direction": _direction(config),
         })
@@ -122,7 +124,7 @@ def trials_in(sweep_dir: str, direction: str) -> List[Dict[str, Any]]:
             with open(os.path.join(trial_dir, RESULT_FILE)) as f:
                 value = json.load(f)["value"]
             status = "ok" if value is not None else "no metric"
-        rows.append({"trial": int(name), "overrides": " ".join(overrides), "value": value, "status": status,
+        rows.append({"trial": int(name), "overrides": redact(" ".join(overrides)), "value": value, "status": status,
                      "dir": trial_dir, "direction": direction})
     return rows
 

@@ -73,28 +73,29 @@ def _devices(train: DictConfig) -> Tuple[str, Union[int, List[int]], int]:
     return "gpu", (ids[:per_node] if len(ids) >= per_node else per_node), nodes
 
 
-def trainer_devices(train: DictConfig, find_unused_parameters: bool = False
-                    ) -> Tuple[str, Union[int, List[int]], object]:
-    """(accelerator, devices, strategy) for L.Trainer. find_unused_parameters: DDP's, for a model whose steps
-    leave some parameters out of the graph."""
+def trainer_devices(train: DictConfig, find_unused_parameters: bool = True
+                    ) -> Tuple[str, Union[int, List[int]], int, object]:
+    """(accelerator, devices per node, num_nodes, strategy) for L.Trainer, after the launch environment (so TAO's
+    WORLD_SIZE nodes reach the Trainer too). find_unused_parameters: DDP's (the module's
+    `ddp_find_unused_parameters`)."""
     accelerator, devices, nodes = _devices(train)
     n = len(devices) if isinstance(devices, list) else devices
     if n * nodes == 1:
-        return accelerator, devices, "auto"
+        return accelerator, devices, nodes, "auto"
     if train.distributed_strategy == "fsdp":
         if accelerator == "cpu":
             raise ConfigError(f"train.distributed_strategy=fsdp needs GPUs and no CUDA device is here (Lightning "
                               f"shards with FSDP on CUDA devices only): use ddp for {n * nodes} CPU processes.")
         from lightning.pytorch.strategies import FSDPStrategy
 
-        return accelerator, devices, FSDPStrategy()
+        return accelerator, devices, nodes, FSDPStrategy()
     from lightning.pytorch.strategies import DDPStrategy
 
     if accelerator == "cpu" and _first_process():
         log.info("no CUDA device: train.num_gpus=%d runs %d CPU processes per node x %d node(s), DDP over gloo",
                  train.num_gpus, n, nodes)
-    return accelerator, devices, DDPStrategy(find_unused_parameters=find_unused_parameters,
-                                             process_group_backend="gloo" if accelerator == "cpu" else None)
+    return accelerator, devices, nodes, DDPStrategy(find_unused_parameters=find_unused_parameters,
+                                                    process_group_backend="gloo" if accelerator == "cpu" else None)
 
 
 def process_count(train: DictConfig) -> int:

@@ -48,16 +48,16 @@ def seed_run(seed: int) -> None:
     L.seed_everything(seed, workers=True, verbose=False)
 
 
-def build_trainer(cfg: DictConfig, has_validation: bool = True, find_unused_parameters: bool = False) -> L.Trainer:
+def build_trainer(cfg: DictConfig, has_validation: bool = True, find_unused_parameters: bool = True) -> L.Trainer:
     """L.Trainer from the `train` group (TAO keys) for the run dir cfg.results_dir; find_unused_parameters: the
     module's DDP setting."""
     train = cfg.train
-    accelerator, devices, strategy = trainer_devices(train, find_unused_parameters)
+    accelerator, devices, num_nodes, strategy = trainer_devices(train, find_unused_parameters)
     callbacks = [GroundlabCheckpoint(cfg.results_dir, cfg.model.name, train.checkpoint_interval,
                                      train.checkpoint_interval_unit), ResumeState()]
     return L.Trainer(
         default_root_dir=cfg.results_dir, max_epochs=train.num_epochs, accelerator=accelerator, devices=devices,
-        num_nodes=train.num_nodes, strategy=strategy, precision=trainer_precision(train),
+        num_nodes=num_nodes, strategy=strategy, precision=trainer_precision(train),
         gradient_clip_val=train.clip_grad_norm or None, accumulate_grad_batches=train.get("accum_grad_batches", 1),
         logger=_loggers(cfg), enable_checkpointing=True, callbacks=callbacks,  # ours: no default ModelCheckpoint
         use_distributed_sampler=False,  # ResumableSampler shards over the ranks itself

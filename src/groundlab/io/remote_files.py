@@ -20,12 +20,12 @@ import logging
 import os
 import posixpath
 import re
-import tempfile
 from contextlib import suppress
 from typing import Any, Dict, Optional
 from urllib.parse import urlsplit, urlunsplit
 
 from groundlab.errors import MissingFile, UserError
+from groundlab.ops.atomic_write import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,8 @@ __all__ = ["REMOTE_SCHEMES", "RemoteFileError", "is_remote", "redact", "local_pa
 REMOTE_SCHEMES = ("s3", "gs", "gcs", "http", "https")
 # the package fsspec needs per scheme, for the one sentence when it is missing
 _PACKAGES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "http": "aiohttp", "https": "aiohttp"}
-_URI = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
+# a URI ends where a list or mapping of them goes on (`image_dir=[s3://a,s3://b]`): `,[]{}` end it too
+_URI = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>,\[\]{}]+")
 _CHUNK = 1 << 20
 
 # The run's `cache_dir`, set once by the runner: model loaders never see the config, and fetch into the same
@@ -142,16 +143,11 @@ def local_path(uri: Optional[str], cache_dir: Optional[str] = None, key: str = "
 
 
 def _fetch(fs, path: str, final: str, size: Optional[int], key: str, shown: str) -> None:
-    """Copy the object to `final` through a temporary file in its folder, then os.replace: concurrent processes
+    """Copy the object to `final` through a temporary file in its folder, then os.replace (ops.atomic_write: the
+    cache file gets the permissions of a plain open(), so a shared cache stays readable): concurrent processes
     (DDP ranks) never see a partial file."""
-    folder = os.path.dirname(final)
-    try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".fetch.", suffix=".partial", dir=folder)
-    except OSError as err:
-        raise RemoteFileError(f"{key}={shown}: cannot create a cache file in {folder}: {err}.") from None
-    try:
-        with os.fdopen(fd, "wb") as out, fs.open(path, "rb") as src:
+    def copy(tmp: str) -> None:
+        with open(tmp, "wb") as out, fs.open(path, "rb") as src:
             while True:
                 chunk = src.read(_CHUNK)
                 if not chunk:
@@ -161,13 +157,16 @@ def _fetch(fs, path: str, final: str, size: Optional[int], key: str, shown: str)
         if size is not None and got != size:
             raise RemoteFileError(f"{key}={shown}: fetched {got} of {size} bytes (did the object change while "
                                   f"it was read?).")
-        os.replace(tmp, final)
+
+    try:
+        atomic_write(final, copy)
     except BaseException as err:
-        with suppress(OSError):
-            os.remove(tmp)
         if isinstance(err, FileNotFoundError):
             raise MissingFile(f"{key}={shown} does not exist (no such object).") from None
         if isinstance(err, UserError) or not isinstance(err, Exception):
             raise
+        if isinstance(err, OSError) and not os.path.isdir(os.path.dirname(final)):
+            raise RemoteFileError(f"{key}={shown}: cannot create a cache file in {os.path.dirname(final)}: "
+                                  f"{err}.") from None
         raise RemoteFileError(f"{key}={shown} cannot be read: {redact(str(err)) or type(err).__name__}.") from None
     log.info("fetched %s (%s bytes) into %s", shown, os.path.getsize(final), final)

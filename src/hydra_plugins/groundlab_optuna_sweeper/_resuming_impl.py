@@ -56,7 +56,9 @@ class ResumingSweeperImpl(OptunaSweeperImpl):
             return 0
         states = optuna.trial.TrialState
         trials = study.get_trials(deepcopy=False)
-        finished = sum(t.state in (states.COMPLETE, states.PRUNED, states.FAIL) for t in trials)
+        # a trial an earlier resume found interrupted was queued again: its retry is the one that counts
+        finished = sum(t.state in (states.COMPLETE, states.PRUNED, states.FAIL)
+                       and not t.user_attrs.get(INTERRUPTED_ATTR) for t in trials)
         interrupted = [t for t in trials if t.state == states.RUNNING and _gone(t.user_attrs.get(PROCESS_ATTR))]
         for trial in interrupted:
             study._storage.set_trial_user_attr(trial._trial_id, INTERRUPTED_ATTR, True)

@@ -5,7 +5,7 @@
 - `gather`: the same bilinear sampling as index arithmetic + `F.embedding_bag` with per-sample weights,
   which sums the weighted corners without materialising them; about 2x faster for CPU inference (its
   backward is slower than grid_sample's, so training keeps grid_sample).
-- `gather_matmul`: the same sampling in plain ONNX ops for ONNX Runtime on the CPU (export.deform_attn=gather):
+- `gather_matmul` (export.deform_attn_impl=gather_matmul): the same sampling in plain ONNX ops for ONNX Runtime:
   each corner a row Gather from a zero-bordered table, the weighted sum a batched MatMul, in blocks of queries
   so the gathered rows stay in cache; ~1.8x faster than GridSample there. A traced graph takes it inside
   `traced_impl("gather_matmul")`.
@@ -125,10 +125,12 @@ def ms_deform_attn_gather_matmul(
     corner = pixel.floor()
     frac = (pixel - corner).view(B, Q, heads, LP, 2)
     corner = corner.view(B, Q, heads, LP, 2)
-    width = per_point([w + 3 for _, w in spatial_shapes])
-    start = per_point([sum(sizes[:lvl]) + w + 4 for lvl, (_, w) in enumerate(spatial_shapes)])  # the (0, 0) cell
-    base = (torch.arange(B * heads, device=value.device, dtype=value.dtype) * T).view(B, 1, heads, 1)
-    row = (corner[..., 1] * width + corner[..., 0] + start + base).int()  # (B, Q, heads, LP) top-left corners
+    # row numbers in int32 (exact to 2^31 rows; float32 is exact only to 2^24, fp16 to 2^11)
+    width = per_point([w + 3 for _, w in spatial_shapes], torch.int32)
+    start = per_point([sum(sizes[:lvl]) + w + 4 for lvl, (_, w) in enumerate(spatial_shapes)], torch.int32)  # (0, 0)
+    base = (torch.arange(B * heads, device=value.device, dtype=torch.int32) * T).view(B, 1, heads, 1)
+    cell = corner.int()
+    row = cell[..., 1] * width + cell[..., 0] + start + base  # (B, Q, heads, LP) top-left corners
     down = per_point([w + 3 for _, w in spatial_shapes], torch.int32)  # int32 rows: ~15% faster in ONNX Runtime
     index = torch.stack([row, row + 1, row + down, row + (down + 1)], 3).reshape(B, Q, heads, 4 * LP)
     fx, fy = frac[..., 0], frac[..., 1]
