@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import pytest
 import torch
 
 from groundlab.engine.data_base import seed_worker
@@ -92,3 +93,18 @@ def test_random_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
     assert torch.equal(torch.rand(3), expected[0])
     assert np.array_equal(np.random.rand(3), expected[1])
     assert [random.random() for _ in range(3)] == expected[2]
+
+
+def test_a_validation_set_smaller_than_the_process_count_is_one_sentence():
+    """Unpadded validation gives each sample to one rank: with fewer samples than ranks one rank would have none
+    and the others would wait for it at the epoch's end; it is refused before any loader starts."""
+    from types import SimpleNamespace
+
+    from groundlab.config import ConfigError
+    from groundlab.engine.data_base import ResumableDataModule
+
+    module = ResumableDataModule(seed=0)
+    module.trainer = SimpleNamespace(global_rank=0, world_size=4, current_epoch=0)
+    with pytest.raises(ConfigError, match="the validation set has 3 images for 4 training processes"):
+        module.loader(list(range(3)), 2, train=False, num_workers=0, collate=list)
+    assert len(module.loader(list(range(3)), 2, train=True, num_workers=0, collate=list).sampler) == 1

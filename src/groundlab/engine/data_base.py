@@ -12,6 +12,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from groundlab.config import ConfigError
 from groundlab.engine.resumable_sampler import ResumableSampler
 from groundlab.engine.resume_state import batches_done_in_epoch
 
@@ -41,6 +42,11 @@ class ResumableDataModule(L.LightningDataModule):
     def loader(self, dataset, batch_size: int, train: bool, num_workers: int, collate: Callable,
                pin_memory: bool = False) -> torch.utils.data.DataLoader:
         rank, world = self._rank()
+        if not train and len(dataset) < world:
+            # unpadded validation (each sample on one rank): a rank without a sample would miss the epoch-end
+            # collectives of the others and every process would wait forever
+            raise ConfigError(f"the validation set has {len(dataset)} images for {world} training processes: give "
+                              f"it at least {world}, or train with fewer processes (train.num_gpus / num_nodes).")
         sampler = ResumableSampler(dataset, batch_size, self.seed, shuffle=train, rank=rank, world_size=world)
         if train:
             sampler.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
