@@ -95,13 +95,15 @@ def test_a_killed_optuna_sweep_resumes_its_study(tmp_path):
     study = optuna.load_study(study_name="resumed", storage=f"sqlite:///{db}")
     interrupted = study.trials[1].params
 
-    proc = _run(*args[3:], f"hydra.sweep.dir={tmp_path / 'second'}")
+    proc = _run(*args[3:], f"hydra.sweep.dir={tmp_path / 'first'}")  # the same command, the same sweep dir
     assert "1 of 3 trials finished, 1 interrupted (tried again first); running 2" in proc.stdout + proc.stderr
     trials = optuna.load_study(study_name="resumed", storage=f"sqlite:///{db}").trials
     assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
     assert trials[1].user_attrs["interrupted"] and trials[2].params == interrupted  # retried first
-    rows = list(csv.DictReader(open(tmp_path / "second" / "sweep_results.csv")))
+    rows = list(csv.DictReader(open(tmp_path / "first" / "sweep_results.csv")))
     assert len(rows) == 2 and all(r["status"] == "ok" for r in rows)
+    # numbered after the killed sweep's trial dirs (0, 1: the interrupted one keeps its dir)
+    assert [r["dir"] for r in rows] == [str(tmp_path / "first" / n) for n in ("2", "3")]
 
 
 @pytest.mark.slow

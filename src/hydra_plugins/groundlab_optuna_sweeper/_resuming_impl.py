@@ -38,6 +38,11 @@ class ResumingSweeperImpl(OptunaSweeperImpl):
     def sweep(self, arguments: List[str]) -> None:
         if self.storage is not None:
             self.n_trials = max(0, self.n_trials - self._resume())
+            # a resumed sweep in the same sweep dir numbers its trials after the dirs there: trial n's dir holds
+            # another trial's checkpoints, which training in it would resume from
+            sweep_dir = str(self.config.hydra.sweep.dir)
+            taken = [int(d) for d in os.listdir(sweep_dir) if d.isdigit()] if os.path.isdir(sweep_dir) else []
+            self.job_idx = max([self.job_idx, *(n + 1 for n in taken)])
         super().sweep(arguments)
 
     def _configure_trials(self, trials, search_space_distributions, fixed_params):  # noqa: ANN001
