@@ -1,6 +1,6 @@
 """TAO grounding_dino / mask_grounding_dino checkpoints load into our Grounding DINO, and the Mask Grounding DINO
-mask head (`controller.*`, `mask_head.*`) is kept, ignored or newly initialized as the model needs, on a tiny
-random model, offline."""
+mask head (`controller.*`, `mask_head.*`) and referring region head (`region_head.*`) are kept, ignored or newly
+initialized as the model needs, on a tiny random model, offline."""
 
 from __future__ import annotations
 
@@ -183,6 +183,35 @@ def test_partial_mask_head_and_other_missing_keys_stay_errors(tiny):
     wrong = {**tiny.state_dict(), **head, "mask_head.lay1.weight": torch.zeros(4, 8, 3, 3)}
     with pytest.raises(WeightLoadError, match=r"mask_head\.lay1\.weight: checkpoint \(4, 8, 3, 3\)"):
         load_state(model, wrong, "wrong.pth", "groundlab")
+
+
+def _with_region_head(tiny):
+    """A mask model plus modules named like the referring region head (models/mask_gdino/region_head.py)."""
+    model = _with_mask_head(tiny)
+    model.region_head = nn.Module()
+    model.region_head.query_feat = nn.Embedding(16, 32)
+    model.region_head.nt_embed = MLP(32, 32, 2, 2)
+    return model
+
+
+def test_instance_checkpoint_starts_a_referring_model_and_back(tiny):
+    """An OD Mask Grounding DINO checkpoint (no region head) loads into a VG model, its region head left as
+    initialized; a VG checkpoint loads into an OD model, its region head dropped; half a region head is an
+    error."""
+    od = _with_mask_head(tiny)
+    vg = _with_region_head(tiny)
+    initial = {k: v.clone() for k, v in vg.state_dict().items() if k.startswith("region_head.")}
+    report = load_state(vg, od.state_dict(), "od.pth", "groundlab")
+    assert report.new == sorted(initial) and report.ignored == []
+    assert "5 region-head weights newly initialized (region_head)" in report.summary()
+    assert all(torch.equal(vg.state_dict()[k], v) for k, v in initial.items())
+    assert all(torch.equal(vg.state_dict()[k], v) for k, v in od.state_dict().items())
+    report = load_state(_with_mask_head(tiny), vg.state_dict(), "vg.pth", "groundlab")
+    assert report.ignored == sorted(initial) and report.new == []
+    assert "5 region-head weights ignored (region_head: the model has no region head)" in report.summary()
+    half = {k: v for k, v in vg.state_dict().items() if not k.startswith("region_head.nt_embed.")}
+    with pytest.raises(WeightLoadError, match=r"missing: region_head\.nt_embed"):
+        load_state(_with_region_head(tiny), half, "half.pth", "groundlab")
 
 
 def test_denoising_embedding_of_a_tao_checkpoint_is_optional(tiny, tmp_path):

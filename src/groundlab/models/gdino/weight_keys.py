@@ -82,7 +82,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Optional
 
 from torch import Tensor
 
@@ -133,6 +133,17 @@ _MASK_HEAD = Renames([(name, name) for name in (
 def is_mask_head_key(key: str) -> bool:
     """Whether `key` lies under the mask head (MASK_HEAD_PREFIXES), known name or not."""
     return key.startswith(MASK_HEAD_PREFIXES)
+
+
+# Heads a model may have or not, with one checkpoint serving both: Mask Grounding DINO's mask head, and its
+# referring-segmentation region head (model.num_region_queries > 0), which an instance-segmentation (OD)
+# checkpoint lacks - the usual start of a VG training.
+OPTIONAL_HEADS = {"mask-head": MASK_HEAD_PREFIXES, "region-head": ("region_head.",)}
+
+
+def optional_head(key: str) -> Optional[str]:
+    """The OPTIONAL_HEADS name `key` lies under ("mask-head", "region-head"), or None."""
+    return next((name for name, prefixes in OPTIONAL_HEADS.items() if key.startswith(prefixes)), None)
 
 
 def is_mask_head_name(key: str) -> bool:
@@ -378,6 +389,7 @@ __all__ = [
     "HF_BACKBONE_PREFIX",
     "IDEA_BACKBONE_PREFIX",
     "MASK_HEAD_PREFIXES",
+    "OPTIONAL_HEADS",
     "OPTIONAL_KEY_PREFIXES",
     "OURS_BACKBONE_PREFIX",
     "TAO_BACKBONE_PREFIX",
@@ -390,6 +402,7 @@ __all__ = [
     "idea_to_ours",
     "is_mask_head_key",
     "is_mask_head_name",
+    "optional_head",
     "is_optional_key",
     "is_tao_checkpoint",
     "ours_to_hf",

@@ -15,9 +15,11 @@ other refused global fails the read with one sentence naming it.
 
 Keys that do not fit are reported by name (grouped by prefix) and fail the load; only weights that never
 affect outputs (BERT's pooler, the Swin top layernorm that SwinBackbone does not use) may be absent/extra.
-The mask head (`controller.*`, `mask_head.*`) is the one other exception, so that one checkpoint serves both
-models: a Grounding DINO checkpoint loaded into a Mask Grounding DINO leaves the mask head as initialized
-(LoadReport.new), and a Mask Grounding DINO checkpoint loaded into a Grounding DINO drops it (LoadReport.ignored).
+Whole optional heads are the one other exception (W.OPTIONAL_HEADS), so that one checkpoint serves several
+models: a Grounding DINO checkpoint loaded into a Mask Grounding DINO leaves the mask head (`controller.*`,
+`mask_head.*`) as initialized (LoadReport.new), and a Mask Grounding DINO checkpoint loaded into a Grounding DINO
+drops it (LoadReport.ignored). The same holds for the referring region head (`region_head.*`): an instance
+segmentation checkpoint starts a referring (VG) training, and a VG checkpoint serves an OD model.
 """
 
 from __future__ import annotations
@@ -58,12 +60,15 @@ class LoadReport:
 
     def summary(self) -> str:
         parts = [f"loaded {self.source} weights from {self.path}"]
-        if self.new:
-            parts.append(f"{len(self.new)} mask-head weights newly initialized ({_modules(self.new)})")
-        head = [k for k in self.ignored if W.is_mask_head_key(k)]
-        if head:
-            parts.append(f"{len(head)} mask-head weights ignored ({_modules(head)}: the model has no mask head)")
-        optional = [k for k in self.ignored if not W.is_mask_head_key(k)]
+        for head in W.OPTIONAL_HEADS:
+            new = [k for k in self.new if W.optional_head(k) == head]
+            if new:
+                parts.append(f"{len(new)} {head} weights newly initialized ({_modules(new)})")
+            dropped = [k for k in self.ignored if W.optional_head(k) == head]
+            if dropped:
+                parts.append(f"{len(dropped)} {head} weights ignored ({_modules(dropped)}: the model has no "
+                             f"{head.replace('-', ' ')})")
+        optional = [k for k in self.ignored if W.optional_head(k) is None]
         if optional:
             parts.append(f"{len(optional)} unused optional keys ({W.describe_mismatch([], [], optional)})")
         return ", ".join(parts)
@@ -225,24 +230,29 @@ def _shared_conflicts(model: nn.Module, state: Dict[str, torch.Tensor]) -> List[
 
 def load_state(model: nn.Module, state: Dict[str, torch.Tensor], path: str, source: str,
                unplaced: List[str] = ()) -> LoadReport:
-    """Strict load; mismatches other than optional keys and a whole mask head raise WeightLoadError naming them.
-    `unplaced`: checkpoint keys the layout conversion could not name (reported as unexpected).
+    """Strict load; mismatches other than optional keys and a whole optional head raise WeightLoadError naming
+    them. `unplaced`: checkpoint keys the layout conversion could not name (reported as unexpected).
 
-    Mask head (W.MASK_HEAD_PREFIXES): a checkpoint with none of it, loaded into a model with one, leaves the
-    model's initialized mask head in place (LoadReport.new); its mask-head keys, loaded into a model with none,
-    are dropped (LoadReport.ignored). A checkpoint with part of the model's mask head stays an error: that is a
-    different mask head, not a missing one."""
+    Optional heads (W.OPTIONAL_HEADS: the mask head, the region head): a checkpoint with none of a head, loaded
+    into a model with one, leaves the model's initialized head in place (LoadReport.new); its keys of a head,
+    loaded into a model with none, are dropped (LoadReport.ignored). A checkpoint with part of the model's head
+    stays an error: that is a different head, not a missing one."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own] + list(unplaced)
     shape = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
              for k in own if k in state and state[k].shape != own[k].shape]
-    model_head = any(W.is_mask_head_key(k) for k in own)
-    state_head = any(W.is_mask_head_key(k) for k in state)
-    new = [k for k in missing if W.is_mask_head_key(k)] if model_head and not state_head else []
-    # `unplaced` keys stay hard: the conversion could not name them, mask head or not
-    dropped_head = [k for k in state if k not in own and W.is_mask_head_key(k)] if not model_head else []
-    lenient = set(new) | set(dropped_head)
+    new: List[str] = []
+    lenient = set()
+    for head in W.OPTIONAL_HEADS:
+        model_head = any(W.optional_head(k) == head for k in own)
+        state_head = any(W.optional_head(k) == head for k in state)
+        if model_head and not state_head:
+            new += [k for k in missing if W.optional_head(k) == head]
+        if state_head and not model_head:
+            # `unplaced` keys stay hard: the conversion could not name them, head or not
+            lenient |= {k for k in state if k not in own and W.optional_head(k) == head}
+    lenient |= set(new)
     hard_missing = [k for k in missing if not W.is_optional_key(k) and k not in lenient]
     hard_unexpected = [k for k in unexpected if not W.is_optional_key(k) and k not in lenient]
     conflicts = _shared_conflicts(model, state) if not shape else []
