@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -9,6 +10,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n 2` (the README's command): two workers share the 2 cores, so each computes on one thread, and so
+    # do the processes its tests start; two threads each would spin on the cores the other worker needs
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 CONF = str(REPO / "conf")
 
 
@@ -57,16 +66,30 @@ TRAINED_RECIPE = ["train.max_time_minutes=null", "train.num_epochs=3", "train.va
 def trained(compose, tmp_path_factory):
     """trained(experiment) -> (model_runs, metrics): `experiment` (quickstart, mgd_quickstart) trained with
     TRAINED_RECIPE, once per session, in `<model_runs>/train/<experiment>/` as hydra.run.dir lays a run out (so
-    evaluate and export runs beside it find its checkpoint); metrics: what the training returned."""
+    evaluate and export runs beside it find its checkpoint); metrics: what the training returned.
+
+    Under pytest-xdist the workers share one training per experiment: the first to ask trains under a file lock
+    in the session's common temp root, and the others wait for it and read its metrics (xdist's documented
+    pattern for session fixtures)."""
+    from filelock import FileLock
+
     from groundlab.runner import run_action
 
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the temp root all workers of this session share
     done = {}
 
     def _trained(experiment):
         if experiment not in done:
             base = [f"experiment={experiment}", *TRAINED_RECIPE]
-            model_runs = tmp_path_factory.mktemp(f"trained_{experiment}") / compose(base).model.name
-            done[experiment] = (model_runs, run_action(compose(base, results_dir=str(model_runs / "train" / experiment))))
+            model_runs = root / f"trained_{experiment}" / compose(base).model.name
+            record = model_runs.parent / "metrics.json"
+            with FileLock(str(model_runs.parent) + ".lock"):
+                if not record.exists():
+                    metrics = run_action(compose(base, results_dir=str(model_runs / "train" / experiment)))
+                    record.write_text(json.dumps(metrics))
+            done[experiment] = (model_runs, json.loads(record.read_text()))
         return done[experiment]
 
     return _trained

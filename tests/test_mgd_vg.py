@@ -92,14 +92,18 @@ def test_train_evaluate_and_infer_referring_expressions(compose, tmp_path):
 
 
 @pytest.mark.slow
-def test_short_training_clearly_beats_the_untrained_model_on_expressions(compose, tmp_path):
-    """The quickstart's region-query model trained briefly on 16 scenes' expressions (and their detection records)
-    segments those expressions far better than the same model untrained: validation reads the training
+def test_short_training_clearly_beats_the_untrained_model_on_expressions(compose, tmp_path, trained):
+    """The user's path: the session's instance-segmentation quickstart model (conftest.trained) starts a referring
+    model (its region head from random weights), trained briefly on 16 scenes' expressions (and their detection
+    records); it segments those expressions far better than where it started. Validation reads the training
     expressions themselves, so a short CPU run shows the head learning, not generalizing (the benchmark,
     benchmarks/mgd_vg_synthetic.py, measures that on unseen scenes)."""
     from groundlab.data.sources import synthetic_paths
     from groundlab.models.gdino.build import build_gdino, save_gdino
+    from groundlab.models.gdino.weights import load_weights
 
+    od_runs, _ = trained("mgd_quickstart")
+    od_ckpt = od_runs / "train" / "mgd_quickstart" / "mask_gdino_model_latest.pth"
     scenes = ["dataset.synthetic.num_train=16", "dataset.synthetic.num_val=4"]
     generated = compose(["experiment=mgd_vg_quickstart", *scenes])
     p = synthetic_paths(generated.dataset, generated.cache_dir)
@@ -109,11 +113,14 @@ def test_short_training_clearly_beats_the_untrained_model_on_expressions(compose
             f"label_map: {p.label_map}}}]", f"dataset.val_data_sources={source}, data_type: VG}}"]
     torch.manual_seed(42)
     model_cfg = compose(base).model
-    untrained = save_gdino(str(tmp_path / "untrained.pth"), build_gdino(model_cfg).model, model_cfg)
-    before = run_action(compose(base + ["action=evaluate", f"evaluate.checkpoint={untrained}"],
+    start = build_gdino(model_cfg).model
+    report = load_weights(start, str(od_ckpt))
+    assert report.new and all(k.startswith("region_head.") for k in report.new)
+    start_ckpt = save_gdino(str(tmp_path / "start.pth"), start, model_cfg)
+    before = run_action(compose(base + ["action=evaluate", f"evaluate.checkpoint={start_ckpt}"],
                                 results_dir=str(tmp_path / "before")))
-    after = run_action(compose(base + ["train.num_epochs=14", "train.validation_interval=14",
-                                       "train.optim.warmup_steps=10"],
+    after = run_action(compose(base + [f"train.pretrained_model_path={od_ckpt}", "train.num_epochs=6",
+                                       "train.validation_interval=6", "train.optim.warmup_steps=10"],
                                results_dir=str(tmp_path / "train")))
     print(before, {k: v for k, v in after.items() if k.startswith("val_")})
     assert after["val_gIoU"] >= before["gIoU"] + 0.15, (before, after)
