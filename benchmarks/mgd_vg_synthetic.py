@@ -1,5 +1,5 @@
 """Does Mask Grounding DINO learn referring segmentation? The user's path in two stages on one wall-time budget:
-(1) `experiment=mgd_quickstart` learns instance segmentation of the synthetic scenes (OD), then (2)
+(1) `experiment=mgd_quickstart` learns instance segmentation of the synthetic scenes (OD, 4 epochs), then (2)
 `experiment=mgd_vg_quickstart` (the same model plus 16 region queries) starts from that checkpoint
 (`train.pretrained_model_path`; the region head starts from random weights) and learns the synthetic referring
 split. `action=evaluate` then scores the final checkpoint on the validation expressions of unseen scenes (a fifth
@@ -7,7 +7,7 @@ of which refer to nothing). Prints `name: value` lines: per-epoch validation cur
 and the total wall_s, and the final gIoU, cIoU, N_acc, T_acc, Pr@0.7/0.8/0.9 (fractions in 0..1) and the IoU per
 expression kind. Issue 13's target on 2 cores: gIoU >= 0.70, N_acc and T_acc >= 0.85 within 20 minutes.
 
-    python benchmarks/mgd_vg_synthetic.py [--od-minutes 6.5 --od-epochs 5] [--minutes 12] [extra VG overrides ...]
+    python benchmarks/mgd_vg_synthetic.py [--od-minutes 6 --od-epochs 4] [--minutes 13] [extra VG overrides ...]
 
 `--od-minutes 0` trains the referring model from random image weights in one stage (the earlier recipe).
 """
@@ -64,10 +64,10 @@ def per_kind_iou(run_dir: str, overrides) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--od-minutes", type=float, default=6.5,
+    parser.add_argument("--od-minutes", type=float, default=6.0,
                         help="stage 1 budget: instance segmentation (0: no stage 1, the VG run starts from scratch)")
-    parser.add_argument("--od-epochs", type=int, default=5, help="stage 1 epochs (its cosine schedule's length)")
-    parser.add_argument("--minutes", type=float, default=12.0, help="stage 2 budget: referring segmentation")
+    parser.add_argument("--od-epochs", type=int, default=4, help="stage 1 epochs (its cosine schedule's length)")
+    parser.add_argument("--minutes", type=float, default=13.0, help="stage 2 budget: referring segmentation")
     parser.add_argument("overrides", nargs="*", help="overrides of the referring stage (and its evaluation)")
     args = parser.parse_args()
     start = time.perf_counter()
