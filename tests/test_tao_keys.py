@@ -144,7 +144,7 @@ def _with_mask_head(tiny):
 
 def test_missing_mask_head_is_newly_initialized(tiny):
     model = _with_mask_head(tiny)
-    initial = {k: v.clone() for k, v in model.state_dict().items() if W.is_mask_head_key(k)}
+    initial = {k: v.clone() for k, v in model.state_dict().items() if W.optional_head(k) == "mask-head"}
     report = load_state(model, tiny.state_dict(), "gdino.pth", "groundlab")
     assert report.new == sorted(initial) and len(report.new) == 16 and report.ignored == []
     assert "16 mask-head weights newly initialized (controller, mask_head)" in report.summary()
@@ -165,7 +165,7 @@ def test_idea_checkpoint_into_a_mask_model_initializes_the_head(tiny, tmp_path):
 
 def test_mask_model_takes_a_whole_mask_head(tiny):
     model = _with_mask_head(tiny)
-    head = {k: torch.randn_like(v) for k, v in model.state_dict().items() if W.is_mask_head_key(k)}
+    head = {k: torch.randn_like(v) for k, v in model.state_dict().items() if W.optional_head(k) == "mask-head"}
     report = load_state(model, {**tiny.state_dict(), **head}, "mask.pth", "groundlab")
     assert report.new == [] and report.ignored == []
     assert all(torch.equal(model.state_dict()[k], v) for k, v in head.items())
@@ -173,7 +173,7 @@ def test_mask_model_takes_a_whole_mask_head(tiny):
 
 def test_partial_mask_head_and_other_missing_keys_stay_errors(tiny):
     model = _with_mask_head(tiny)
-    head = {k: v for k, v in model.state_dict().items() if W.is_mask_head_key(k)}
+    head = {k: v for k, v in model.state_dict().items() if W.optional_head(k) == "mask-head"}
     partial = {**tiny.state_dict(), "controller.layers.0.weight": head["controller.layers.0.weight"]}
     with pytest.raises(WeightLoadError, match=r"missing: controller\.layers\.1"):
         load_state(model, partial, "partial.pth", "groundlab")

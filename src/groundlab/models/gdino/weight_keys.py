@@ -130,11 +130,6 @@ _MASK_HEAD = Renames([(name, name) for name in (
 )])
 
 
-def is_mask_head_key(key: str) -> bool:
-    """Whether `key` lies under the mask head (MASK_HEAD_PREFIXES), known name or not."""
-    return key.startswith(MASK_HEAD_PREFIXES)
-
-
 # Heads a model may have or not, with one checkpoint serving both: Mask Grounding DINO's mask head, and its
 # referring-segmentation region head (model.num_region_queries > 0), which an instance-segmentation (OD)
 # checkpoint lacks - the usual start of a VG training.
@@ -400,7 +395,6 @@ __all__ = [
     "hf_to_ours",
     "idea_swin_to_hf",
     "idea_to_ours",
-    "is_mask_head_key",
     "is_mask_head_name",
     "is_optional_key",
     "is_tao_checkpoint",
